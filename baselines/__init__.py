@@ -1,0 +1,1 @@
+"""Baseline detectors shipped with LTBench behind the common detector contract."""

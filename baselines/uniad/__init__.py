@@ -1,0 +1,1 @@
+"""UniAD-style reconstruction baseline; `model.ReconstructionTransformer` is shared with LTAD."""
