@@ -11,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import types
+import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -83,27 +86,97 @@ def _import_target(target: str) -> type:
         raise DetectorError(f"module {module_name!r} has no class {class_name!r}; check the spelling") from None
 
 
-def get_detector_class(name: str) -> type:
-    """Resolve a registered name or a `package.module:ClassName` target to a class meeting the contract."""
+@dataclass(frozen=True)
+class DetectorSpec:
+    """A resolved `--model` value."""
+
+    name: str    # the registered name, or the `package.module:ClassName` target as given
+    target: str  # `package.module:ClassName`
+    cls: type    # the class, checked against the contract
+
+    @property
+    def directory_name(self) -> str:
+        """The name as a folder name (`runs/<model>/...`): a target's ':' becomes '.'."""
+        return self.name.replace(":", ".").replace("/", ".")
+
+
+def resolve_detector(name: str) -> DetectorSpec:
+    """Resolve a registered name or a `package.module:ClassName` target.
+
+    Parameters: name: `--model` as the user gave it.
+    Returns: the `DetectorSpec`; a target that is registered under a name gets that name.
+    Raises `DetectorError` for an unknown name (listing the known ones), an import failure, or
+    a class that misses a member of the contract (naming it).
+    """
     registry = known_detectors()
     if name in registry:
-        cls = _import_target(registry[name])
+        target = registry[name]
     elif ":" in name:
-        cls = _import_target(name)
+        target = name
+        name = next((known for known, known_target in sorted(registry.items()) if known_target == target), name)
     else:
         known = ", ".join(sorted(registry))
         raise DetectorError(f"unknown model {name!r}; known models: {known} (or give package.module:ClassName)")
+    cls = _import_target(target)
     validate_detector_class(cls)
-    return cls
+    return DetectorSpec(name=name, target=target, cls=cls)
 
 
-def validate_detector_class(cls: type) -> None:
-    """Raise `DetectorError` naming the first missing member of the contract."""
+def get_detector_class(name: str) -> type:
+    """Resolve a registered name or a `package.module:ClassName` target to a class meeting the contract."""
+    return resolve_detector(name).cls
+
+
+def validate_detector_class(cls: Any) -> None:
+    """Raise `DetectorError` naming the first missing or malformed member of the contract."""
+    label = f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', repr(cls))}"
+    if not isinstance(cls, type):
+        raise DetectorError(f"{label} is not a class; --model must name a detector class")
     for member in REQUIRED_MEMBERS:
         if not hasattr(cls, member):
-            raise DetectorError(f"detector {cls.__module__}.{cls.__qualname__} does not meet the contract: missing {member!r}")
-    if not dataclasses.is_dataclass(cls.Config):
-        raise DetectorError(f"detector {cls.__qualname__}: Config must be a dataclass")
+            raise DetectorError(f"detector {label} does not meet the contract: missing {member!r}")
+    for method in ("fit", "predict", "save", "load"):
+        if not callable(getattr(cls, method)):
+            raise DetectorError(f"detector {label} does not meet the contract: {method!r} is not a method")
+    if not isinstance(inspect_static(cls, "load"), (classmethod, staticmethod)):
+        raise DetectorError(f"detector {label} does not meet the contract: 'load' must be a classmethod")
+    if not (isinstance(cls.Config, type) and dataclasses.is_dataclass(cls.Config)):
+        raise DetectorError(f"detector {label} does not meet the contract: Config must be a dataclass")
+
+
+def inspect_static(cls: type, member: str) -> Any:
+    """The raw class attribute `member` (a classmethod stays a `classmethod` object), searching the MRO."""
+    for klass in cls.__mro__:
+        if member in vars(klass):
+            return vars(klass)[member]
+    return None
+
+
+def check_prediction(prediction: Any, batch_size: int, owner: str) -> tuple[Tensor | None, Tensor]:
+    """Check what `predict` returned for a batch of `batch_size` images.
+
+    Parameters: prediction: the returned object; owner: the detector's name for messages.
+    Returns: (image_scores (B,) or None, anomaly_maps (B, 224, 224)), both detached, on the CPU.
+    Raises `DetectorError` saying which shape, dtype or value is wrong.
+    """
+    if not (hasattr(prediction, "image_scores") and hasattr(prediction, "anomaly_maps")):
+        raise DetectorError(f"{owner}.predict must return a Prediction; got {type(prediction).__name__}")
+    scores, maps = prediction.image_scores, prediction.anomaly_maps
+    expected_maps = (batch_size, IMAGE_SIZE, IMAGE_SIZE)
+    if not isinstance(maps, Tensor) or tuple(maps.shape) != expected_maps:
+        got = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
+        raise DetectorError(f"{owner}.predict: anomaly_maps must be a tensor of shape {expected_maps}; got {got}")
+    if scores is not None and (not isinstance(scores, Tensor) or tuple(scores.shape) != (batch_size,)):
+        got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+        raise DetectorError(f"{owner}.predict: image_scores must be a tensor of shape ({batch_size},); got {got}")
+    for label, value in (("image_scores", scores), ("anomaly_maps", maps)):
+        if value is None:
+            continue
+        if not value.is_floating_point():
+            raise DetectorError(f"{owner}.predict: {label} must be floating point; got {value.dtype}")
+        if not bool(torch.isfinite(value).all()):
+            raise DetectorError(f"{owner}.predict: {label} holds NaN or infinite values")
+    return (None if scores is None else scores.detach().cpu()), maps.detach().cpu()
 
 
 # ----------------------------------------------------------------------------- configs
@@ -114,18 +187,189 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def config_types(config_cls: type) -> dict[str, Any]:
+    """Field name -> resolved type annotation of a config dataclass."""
+    try:
+        hints = typing.get_type_hints(config_cls)
+    except (NameError, TypeError, AttributeError):  # an annotation that does not evaluate: untyped
+        hints = {}
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(config_cls)}
+
+
+def _coerce(annotation: Any, value: Any) -> Any:
+    """JSON lists become tuples where the field is a tuple (so a config survives a JSON round trip)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            if arg is not type(None) and typing.get_origin(arg) is tuple and isinstance(value, list):
+                return _coerce(arg, value)
+        return value
+    if origin is tuple and isinstance(value, (list, tuple)):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], item) for item in value)
+        if len(args) == len(value):
+            return tuple(_coerce(arg, item) for arg, item in zip(args, value))
+        return tuple(value)
+    return value
+
+
 def make_config(config_cls: type, values: dict[str, Any]) -> Any:
-    """Build `config_cls(**values)`, rejecting unknown keys with the list of valid ones."""
+    """Build `config_cls(**values)`, rejecting unknown keys with the list of valid ones.
+
+    Lists given for tuple fields (as JSON writes them) are turned back into tuples.
+    """
     valid = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(values) - valid)
     if unknown:
         raise ConfigError(
             f"unknown config key {unknown[0]!r} for {config_cls.__qualname__}; valid keys: {', '.join(sorted(valid))}"
         )
+    annotations = config_types(config_cls)
+    values = {key: _coerce(annotations[key], value) for key, value in values.items()}
     try:
         return config_cls(**values)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid {config_cls.__qualname__}: {exc}") from None
+
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f"}
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is None and hasattr(annotation, "__name__"):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def parse_config_value(annotation: Any, text: str) -> Any:
+    """Parse the text of `--set key=value` into the type of the config field.
+
+    Parameters: annotation: the field's type (bool, int, float, str, Path, Optional[...], tuple[...],
+    list[...], Literal[...]); text: the value as typed. Tuples and lists are comma separated
+    ("3,10,17" or "[3, 10, 17]"); "none" gives None for an Optional field.
+    Returns: the parsed value. Raises `ValueError` when the text does not fit the type.
+    """
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    stripped = text.strip()
+    if annotation is Any:
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError:
+            return text
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and stripped.lower() in ("none", "null", ""):
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return parse_config_value(arg, text)
+            except ValueError:
+                continue
+        raise ValueError(f"expected {' or '.join(_type_name(a) for a in args if a is not type(None))}")
+    if origin is typing.Literal:
+        for option in args:
+            if str(option) == stripped:
+                return option
+        raise ValueError(f"expected one of {', '.join(str(a) for a in args)}")
+    if origin in (tuple, list):
+        inner = stripped[1:-1] if stripped[:1] in "([" and stripped[-1:] in ")]" else stripped
+        items = [item.strip() for item in inner.split(",")] if inner.strip() else []
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(items) != len(args):
+                raise ValueError(f"expected {len(args)} comma-separated values")
+            return tuple(parse_config_value(arg, item) for arg, item in zip(args, items))
+        item_type = args[0] if args else Any
+        parsed = [parse_config_value(item_type, item) for item in items]
+        return tuple(parsed) if origin is tuple else parsed
+    if annotation is bool:
+        if stripped.lower() in _TRUE:
+            return True
+        if stripped.lower() in _FALSE:
+            return False
+        raise ValueError("expected true or false")
+    if annotation is int:
+        try:
+            return int(stripped)
+        except ValueError:
+            raise ValueError("expected an integer") from None
+    if annotation is float:
+        try:
+            return float(stripped)
+        except ValueError:
+            raise ValueError("expected a number") from None
+    if annotation is str:
+        return text
+    if annotation is Path:
+        return Path(stripped)
+    if origin is dict or annotation is dict:
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError:
+            raise ValueError("expected a JSON object") from None
+    raise ValueError(f"cannot parse a value of type {_type_name(annotation)} from the command line; use --config")
+
+
+def parse_set_values(config_cls: type, assignments: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Parse `--set key=value` assignments against the fields of `config_cls`.
+
+    Parameters: assignments: strings "key=value".
+    Returns: {key: value parsed to the field's type}. Raises `ConfigError` for a missing '=',
+    an unknown key (listing the valid ones) or a value of the wrong type.
+    """
+    annotations = config_types(config_cls)
+    values: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {assignment!r} must look like key=value")
+        if key not in annotations:
+            raise ConfigError(
+                f"unknown --set key {key!r} for {config_cls.__qualname__}; valid keys: {', '.join(sorted(annotations))}"
+            )
+        try:
+            values[key] = parse_config_value(annotations[key], text)
+        except ValueError as exc:
+            raise ConfigError(f"--set {key}={text!r}: {exc} ({_type_name(annotations[key])})") from None
+    return values
+
+
+# ----------------------------------------------------------------------------- training state
+
+TRAINING_STATE_FILE = "training_state.pt"
+
+
+def save_training_state(checkpoint_dir: Path, state: dict[str, Any]) -> None:
+    """Atomically keep training state (e.g. epoch, module and optimizer state dicts) in `checkpoint_dir`.
+
+    The torch random generator states (CPU and CUDA) are stored with it, so that a resumed run
+    draws the same random numbers as an uninterrupted one. Values must be tensors, numbers,
+    strings, or lists/dicts of them (loaded back with `torch.load(weights_only=True)`).
+    """
+    from ltbench import io
+
+    payload = {"state": state, "torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        payload["cuda_rng"] = torch.cuda.get_rng_state_all()
+    with io.atomic_path(Path(checkpoint_dir) / TRAINING_STATE_FILE) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_training_state(checkpoint_dir: Path) -> dict[str, Any] | None:
+    """The state last passed to `save_training_state` (restoring the random generators), or None."""
+    path = Path(checkpoint_dir) / TRAINING_STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise DetectorError(f"cannot read the training state {path} ({exc}); delete it to restart training") from None
+    torch.set_rng_state(payload["torch_rng"])
+    if "cuda_rng" in payload and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(payload["cuda_rng"])
+    return payload["state"]
 
 
 # ----------------------------------------------------------------------------- torch base
@@ -173,7 +417,7 @@ class TorchDetector:
         io.write_json(directory / self.CONFIG_FILE, payload)
 
     @classmethod
-    def load(cls, directory: Path) -> "TorchDetector":
+    def load(cls, directory: Path) -> TorchDetector:
         """Rebuild a saved detector; unknown or missing config or weight keys are errors."""
         from safetensors.torch import load_file
 
