@@ -1,0 +1,674 @@
+"""fit -> predict -> evaluate -> write the run directory (DESIGN.md, "The run directory").
+
+A run is built in a hidden folder `.<timestamp>.partial` beside its final place and renamed to
+`runs/<model>/<dataset>-<config>/<timestamp>/` only when everything is written, so a failed
+run never leaves a half-written run directory. The partial folder keeps the training state:
+`--resume` continues it. The library reports progress through a `report(line)` callback the
+CLI supplies, and tqdm bars; it never prints.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _text_io
+import json
+import os
+import platform
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ltbench import io
+from ltbench.data import RecordTrainSet, evaluation_batches, load_image, read_image_uint8
+from ltbench.detector import (
+    IMAGE_SIZE,
+    DetectorSpec,
+    check_prediction,
+    config_to_dict,
+    make_config,
+    parse_set_values,
+    resolve_detector,
+)
+from ltbench.errors import ConfigError, LTBenchError, RunError
+from ltbench.overlays import save_overlay, value_range
+
+DEFAULT_SPLIT = "synth/exp100"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+PER_CLASS_FILE = "per_class.csv"
+SCORES_FILE = "scores.csv"
+LOG_FILE = "log.txt"
+MODEL_DIR = "model"
+MAPS_DIR = "maps"
+CHECKPOINT_DIR = "checkpoints"
+VALUE_RANGES_FILE = "value_ranges.json"  # in maps/: the colour range of each class's heat maps
+PARTIAL_SUFFIX = ".partial"
+VERSION_PACKAGES = ("ltbench", "torch", "numpy", "pandas", "pillow", "scikit-learn", "scipy", "safetensors",
+                    "transformers")
+
+Reporter = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What `ltbench run` was asked to do."""
+
+    model: str                           # registered name or package.module:ClassName
+    split: str | None = None             # "dataset/config" or a manifest CSV/JSON path; None: synth/exp100
+    root: str | None = None              # dataset root (--root); None: $LTBENCH_DATA/<dataset> or the synth copy
+    preset: str | None = None            # a key of the detector's PRESETS; None: "quick" on synth/*, else "paper"
+    config_file: Path | None = None      # JSON object of config overrides (--config)
+    set_values: tuple[str, ...] = ()     # "key=value" overrides (--set), applied last
+    out: Path = Path("runs")             # where runs/<model>/<dataset>-<config>/<timestamp>/ goes
+    device: str | None = None            # "cpu" or "cuda"; None: cuda when available
+    seed: int | None = None              # None: 0, or the resumed run's seed
+    resume: Path | None = None           # a partial run folder (or its final path) to continue
+    batch_size: int = 16                 # test images per predict() call
+    overlays_per_class: int = 3          # overlay PNGs written per class
+    progress: bool = True                # show tqdm bars
+    command: str = ""                    # the command line, recorded in config.json
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1; got {self.batch_size}")
+        if self.overlays_per_class < 0:
+            raise ConfigError(f"overlays per class must be 0 or more; got {self.overlays_per_class}")
+        if self.device not in (None, "cpu", "cuda"):
+            raise ConfigError(f"--device must be cpu or cuda; got {self.device!r}")
+
+
+@dataclass
+class RunResult:
+    """A finished run."""
+
+    run_dir: Path
+    evaluation: Any                      # ltbench.metrics.Evaluation
+    record: dict[str, Any] = field(default_factory=dict)  # what config.json holds
+
+
+# ----------------------------------------------------------------------------- choices
+
+
+def choose_preset(detector_cls: type, split_name: str, preset: str | None) -> tuple[str | None, dict[str, Any], str]:
+    """Pick the preset: `preset` if given, else "quick" for synth/* splits, else "paper".
+
+    Returns: (preset name or None, its overrides, a sentence saying why). Raises `ConfigError`
+    for a preset the class does not define (listing those it does).
+    """
+    presets = getattr(detector_cls, "PRESETS", None) or {}
+    name = detector_cls.__qualname__
+    if preset is not None:
+        if preset not in presets:
+            known = ", ".join(sorted(presets)) or "none"
+            raise ConfigError(f"unknown preset {preset!r} for {name}; its presets: {known}")
+        return preset, dict(presets[preset]), f"{preset} (from --preset)"
+    default = "quick" if split_name.startswith("synth/") else "paper"
+    if default in presets:
+        why = "default on synth/* splits" if default == "quick" else "default off the synthetic set"
+        return default, dict(presets[default]), f"{default} ({why})"
+    if not presets:
+        return None, {}, f"none ({name} defines no PRESETS; using its Config defaults)"
+    return None, {}, f"none ({name} has no {default!r} preset; using its Config defaults)"
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The JSON object of a `--config` file; errors name the file."""
+    path = Path(path)
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object of config fields; got {type(values).__name__}")
+    return values
+
+
+def build_config(detector_cls: type, preset_values: dict[str, Any], config_file: Path | None,
+                 set_values: Sequence[str]) -> Any:
+    """`Config(**{**preset, **config file, **--set})`; unknown keys are errors listing the valid ones."""
+    values = dict(preset_values)
+    if config_file is not None:
+        values.update(read_config_file(config_file))
+    values.update(parse_set_values(detector_cls.Config, list(set_values)))
+    return make_config(detector_cls.Config, values)
+
+
+def choose_device(device: str | None) -> tuple[torch.device, str]:
+    """The device to run on and a sentence saying why."""
+    available = torch.cuda.is_available()
+    if device is None:
+        return (torch.device("cuda"), "cuda (default: a CUDA device is available)") if available \
+            else (torch.device("cpu"), "cpu (default: no CUDA device found)")
+    if device == "cuda" and not available:
+        raise ConfigError("--device cuda: no CUDA device is available on this machine; use --device cpu")
+    return torch.device(device), f"{device} (from --device)"
+
+
+def is_manifest_path(split: str) -> bool:
+    """Whether `--split` names a manifest file rather than a DATASET/CONFIG name."""
+    return split.endswith((".csv", ".json")) or Path(split).is_file()
+
+
+def open_run_split(split: str, root: str | None) -> tuple[Any, Any, str]:
+    """Open a split by name ("synth/exp100") or manifest path, verifying its files under the root.
+
+    Returns: (Manifest, Catalog, a sentence saying where the data root came from).
+    """
+    from ltbench import datasets, splits
+
+    if is_manifest_path(split):
+        manifest = splits.load_manifest(split)
+        root_path, where = datasets.resolve_root(manifest.dataset, root)
+        catalog = datasets.open_catalog(manifest.dataset, root_path)
+        manifest.verify(catalog.root)
+        return manifest, catalog, where
+    if split.count("/") != 1:
+        raise ConfigError(f"--split {split!r} must look like DATASET/CONFIG (e.g. synth/exp100) or be a manifest path")
+    dataset = split.split("/")[0]
+    _, where = datasets.resolve_root(dataset, root)
+    manifest, catalog = splits.open_split(split, root)
+    return manifest, catalog, where
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and the packages a result depends on."""
+    versions = {"python": platform.python_version()}
+    for name in VERSION_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def jsonable(value: Any) -> Any:
+    """A config value as JSON: tuples become lists, paths strings."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+_STAMP = re.compile(r"^(\d{8}-\d{6})(?:-(\d+))?$")
+
+
+def run_sort_key(run_dir: Path) -> tuple[str, int, float]:
+    """Order runs by their timestamp folder name (then the collision suffix), else by modification time."""
+    match = _STAMP.match(run_dir.name)
+    if match:
+        return match.group(1), int(match.group(2) or 0), 0.0
+    return "", 0, run_dir.stat().st_mtime
+
+
+def new_partial_dir(parent: Path) -> tuple[Path, Path]:
+    """Create `.<timestamp>.partial` under `parent`; returns (partial folder, final run folder).
+
+    The timestamp gets a suffix -1, -2, ... when a run of the same second exists, so that no
+    run directory is ever overwritten.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        name = stamp if n == 0 else f"{stamp}-{n}"
+        final = parent / name
+        partial = parent / f".{name}{PARTIAL_SUFFIX}"
+        if final.exists():
+            continue
+        try:
+            partial.mkdir()
+        except FileExistsError:
+            continue
+        return partial, final
+    raise RunError(f"cannot find a free run directory name under {parent}")
+
+
+def locate_partial(path: Path) -> tuple[Path, Path]:
+    """The partial folder of an interrupted run, given it or its final path; returns (partial, final)."""
+    path = Path(path)
+    if path.name.startswith(".") and path.name.endswith(PARTIAL_SUFFIX):
+        partial, final = path, path.parent / path.name[1:-len(PARTIAL_SUFFIX)]
+    else:
+        partial, final = path.parent / f".{path.name}{PARTIAL_SUFFIX}", path
+    if partial.is_dir():
+        if not (partial / CONFIG_FILE).is_file():
+            raise RunError(f"{partial} has no {CONFIG_FILE}; it is not a run folder LTBench can resume")
+        return partial, final
+    if (final / METRICS_FILE).is_file():
+        raise RunError(f"{final} is a finished run; there is nothing to resume (start a new run instead)")
+    raise RunError(f"no interrupted run at {path}: expected a folder {partial.name} made by `ltbench run`")
+
+
+def read_run_record(run_dir: Path) -> dict[str, Any]:
+    """The config.json of a run (finished or partial); errors name the file."""
+    path = Path(run_dir) / CONFIG_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{path} is missing; is {run_dir} a run directory made by `ltbench run`?") from None
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{path} is not valid JSON ({exc}); the run directory is damaged") from None
+    for key in ("model", "detector", "config", "split", "seed"):
+        if key not in record:
+            raise RunError(f"{path} lacks {key!r}; it was not written by `ltbench run`")
+    return record
+
+
+def resume_command(options: RunOptions, record: dict[str, Any], partial: Path) -> str:
+    """The command that continues an interrupted run."""
+    parts = ["ltbench", "run", "--model", options.model, "--split", record["split_source"]]
+    if options.root is not None:
+        parts += ["--root", str(options.root)]
+    parts += ["--resume", str(partial)]
+    return " ".join(_shell_quote(p) for p in parts)
+
+
+def _shell_quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+class RunLog:
+    """Sends each line to the reporter and appends it, timestamped, to the run's log.txt."""
+
+    def __init__(self, report: Reporter | None):
+        self.report = report
+        self.path: Path | None = None
+        self.pending: list[str] = []
+
+    def attach(self, path: Path) -> None:
+        self.path = path
+        for line in self.pending:
+            self._write(line)
+        self.pending = []
+
+    def _write(self, line: str) -> None:
+        assert self.path is not None
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(f"[{datetime.now().isoformat(timespec='seconds')}] {line}\n")
+
+    def __call__(self, line: str, echo: bool = True) -> None:
+        if echo and self.report is not None:
+            self.report(line)
+        if self.path is None:
+            self.pending.append(line)
+        else:
+            self._write(line)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _Plan:
+    spec: DetectorSpec
+    manifest: Any
+    catalog: Any
+    config: Any
+    record: dict[str, Any]
+    device: torch.device
+    partial: Path | None = None
+    final: Path | None = None
+
+
+def _check_resume(options: RunOptions, spec: DetectorSpec, stored: dict[str, Any], partial: Path) -> None:
+    if stored["detector"] != spec.target:
+        raise RunError(f"--resume {partial} is a run of model {stored['model']!r} ({stored['detector']}), "
+                       f"but --model is {options.model!r} ({spec.target}); resume with --model {stored['model']}")
+    given = options.split
+    if given is not None and is_manifest_path(given):
+        given = str(Path(given).resolve())
+    if given is not None and given not in (stored["split"], stored.get("split_source")):
+        raise RunError(f"--resume {partial} is a run on split {stored['split']!r}, but --split is "
+                       f"{options.split!r}; resume with --split {stored.get('split_source', stored['split'])}")
+
+
+def _plan(options: RunOptions, log: RunLog) -> _Plan:
+    """Everything checked before a folder is made: model, split, preset, config, device."""
+    spec = resolve_detector(options.model)
+    stored: dict[str, Any] | None = None
+    partial = final = None
+    if options.resume is not None:
+        partial, final = locate_partial(options.resume)
+        stored = read_run_record(partial)
+        _check_resume(options, spec, stored, partial)
+
+    split_source = options.split or (stored.get("split_source", stored["split"]) if stored else DEFAULT_SPLIT)
+    manifest, catalog, where = open_run_split(split_source, options.root)
+    if stored is not None:
+        if manifest.name != stored["split"]:
+            raise RunError(f"--resume {partial} is a run on split {stored['split']!r}, but {split_source!r} "
+                           f"is split {manifest.name!r}; resume with the run's split")
+        if manifest.csv_sha256 != stored.get("manifest_csv_sha256"):
+            raise RunError(f"the manifest of {manifest.name} changed since {partial} was started "
+                           f"(sha256 {stored.get('manifest_csv_sha256')} then, {manifest.csv_sha256} now); "
+                           "start a new run")
+
+    if is_manifest_path(split_source):
+        split_source = str(Path(split_source).resolve())  # so that --resume works from any folder
+    split_why = "from --split" if options.split else ("from the resumed run" if stored else "default")
+    log(f"Model: {spec.name} ({spec.target})")
+    log(f"Split: {manifest.name} ({split_why}); data: {where}")
+    preset, preset_values, preset_why = choose_preset(spec.cls, manifest.name, options.preset)
+    requested = build_config(spec.cls, preset_values, options.config_file, options.set_values)
+    seed = options.seed if options.seed is not None else (stored["seed"] if stored else 0)
+    if stored is not None:
+        stored_config = make_config(spec.cls.Config, stored["config"])
+        explicit = options.preset is not None or options.config_file is not None or options.set_values
+        if explicit and jsonable(config_to_dict(requested)) != jsonable(config_to_dict(stored_config)):
+            raise RunError(f"--resume {partial}: the run was started with config {stored['config']}; "
+                           "resume it without --preset/--config/--set (or with the same values)")
+        if options.seed is not None and options.seed != stored["seed"]:
+            raise RunError(f"--resume {partial}: the run was started with --seed {stored['seed']}, not {options.seed}")
+        config, preset = stored_config, stored.get("preset")
+        preset_why = f"{preset} (from the resumed run)"
+    else:
+        config = requested
+    log(f"Preset: {preset_why}")
+    if hasattr(config, "backbone"):
+        log(f"Backbone: {config.backbone}")
+    device, device_why = choose_device(options.device)
+    log(f"Device: {device_why}")
+    log(f"Seed: {seed}")
+
+    record = {
+        "model": spec.name,
+        "detector": spec.target,
+        "config": jsonable(config_to_dict(config)),
+        "preset": preset,
+        "split": manifest.name,
+        "split_source": split_source,
+        "dataset": manifest.dataset,
+        "root": str(catalog.root),
+        "manifest_csv_sha256": manifest.csv_sha256,
+        "class_order": list(manifest.class_order),
+        "high": list(manifest.high),
+        "low": list(manifest.low),
+        "seed": seed,
+        "device": str(device),
+        "versions": package_versions(),
+        "command": options.command,
+        "started": stored["started"] if stored else datetime.now().isoformat(timespec="seconds"),
+    }
+    return _Plan(spec, manifest, catalog, config, record, device, partial, final)
+
+
+def run(options: RunOptions, report: Reporter | None = None) -> RunResult:
+    """Train a detector on a split, predict its test set, evaluate, and write a run directory.
+
+    Parameters: options: what to run; report: called with each progress line (the CLI prints them).
+    Returns: the finished `RunResult`. Raises `LTBenchError` subclasses for bad input; an
+    interrupted or failed run keeps its `.partial` folder and reports the `--resume` command.
+    """
+    log = RunLog(report)
+    plan = _plan(options, log)
+    if plan.partial is None:
+        parent = Path(options.out) / plan.spec.directory_name / plan.manifest.name.replace("/", "-")
+        plan.partial, plan.final = new_partial_dir(parent)
+        io.write_json(plan.partial / CONFIG_FILE, plan.record)
+        log.attach(plan.partial / LOG_FILE)
+        log(f"Run directory: {plan.final} (written in {plan.partial.name} until it is complete)")
+    else:
+        log.attach(plan.partial / LOG_FILE)
+        log(f"Resuming {plan.partial} (the run directory will be {plan.final})")
+    log(f"Command: {options.command}", echo=False)
+
+    try:
+        evaluation = _train_predict_evaluate(plan, options, log)
+    except BaseException as exc:
+        command = resume_command(options, plan.record, plan.partial)
+        log(f"Run stopped ({type(exc).__name__}: {exc}). Its state is kept in {plan.partial}; "
+            f"resume with: {command}", echo=not isinstance(exc, LTBenchError))
+        if isinstance(exc, LTBenchError):
+            raise type(exc)(f"{exc} [the unfinished run is kept in {plan.partial}; after fixing this, "
+                            f"resume with: {command}]") from None
+        raise
+
+    if plan.final.exists():
+        raise RunError(f"{plan.final} appeared while this run was working; the result stays in {plan.partial}")
+    os.rename(plan.partial, plan.final)
+    if report is not None:
+        report(f"Run directory: {plan.final}")
+    return RunResult(run_dir=plan.final, evaluation=evaluation, record=plan.record)
+
+
+def _train_predict_evaluate(plan: _Plan, options: RunOptions, log: RunLog) -> Any:
+    from ltbench import metrics
+
+    assert plan.partial is not None
+    spec, manifest, catalog = plan.spec, plan.manifest, plan.catalog
+    seed_everything(plan.record["seed"])
+    model_dir = plan.partial / MODEL_DIR
+    if model_dir.is_dir():
+        log(f"Training had finished; loading the model from {model_dir}")
+        detector = spec.cls.load(model_dir)
+    else:
+        train_set = RecordTrainSet(catalog, manifest, plan.device, plan.partial / CHECKPOINT_DIR,
+                                   seed=plan.record["seed"], progress=options.progress)
+        train_set.checkpoint_dir.mkdir(exist_ok=True)
+        log(f"Training on {len(train_set)} images of {len(train_set.class_names)} classes")
+        detector = spec.cls(plan.config)
+        fitted = detector.fit(train_set)
+        if fitted is not detector:
+            raise RunError(f"{spec.name}.fit() must return self (the detector contract)")
+        staging = plan.partial / f".{MODEL_DIR}.tmp"
+        if staging.exists():
+            import shutil
+
+            shutil.rmtree(staging)
+        detector.save(staging)
+        os.rename(staging, model_dir)  # model/ exists only once it is complete
+        log(f"Model saved to {model_dir}")
+
+    index = {name: i for i, name in enumerate(manifest.class_order)}
+    records = sorted((r for r in catalog.test_records() if r.class_name in index),
+                     key=lambda r: (index[r.class_name], r.image))
+    if not records:
+        raise RunError(f"split {manifest.name} has no test images under {catalog.root}")
+    count = len(records)
+    anomaly_maps = np.empty((count, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)  # (N, 224, 224)
+    masks = np.empty((count, IMAGE_SIZE, IMAGE_SIZE), dtype=bool)               # (N, 224, 224)
+    image_scores: list[np.ndarray | None] = []
+    position = 0
+    with tqdm(total=count, desc="predict", unit="img", disable=not options.progress) as bar, torch.no_grad():
+        for batch in evaluation_batches(catalog, records, manifest.class_order, options.batch_size):
+            size = len(batch.records)
+            prediction = detector.predict(batch.images.to(plan.device), batch.class_idx.to(plan.device))
+            scores, maps = check_prediction(prediction, size, spec.name)
+            anomaly_maps[position:position + size] = maps.float().numpy()
+            masks[position:position + size] = batch.masks.numpy()
+            image_scores.append(None if scores is None else scores.double().numpy())
+            position += size
+            bar.update(size)
+    if all(s is None for s in image_scores):
+        final_scores = None
+        written_scores = np.asarray(metrics.image_score_from_map(anomaly_maps), dtype=np.float64)
+    elif any(s is None for s in image_scores):
+        raise RunError(f"{spec.name}.predict returned image_scores for some batches and None for others")
+    else:
+        final_scores = written_scores = np.concatenate(image_scores)
+    log(f"Predicted {count} test images")
+
+    evaluation = metrics.evaluate(manifest, records, final_scores, anomaly_maps, masks)
+    for warning in evaluation.warnings:
+        log(f"Warning: {warning}")
+    _write_results(plan, evaluation, records, written_scores, anomaly_maps, masks, options, log)
+    log("Results:\n" + evaluation.format_summary(), echo=False)
+    return evaluation
+
+
+def _write_results(plan: _Plan, evaluation: Any, records: list, scores: np.ndarray, anomaly_maps: np.ndarray,
+                   masks: np.ndarray, options: RunOptions, log: RunLog) -> None:
+    from ltbench.metrics import METRIC_KEYS
+
+    partial = plan.partial
+    assert partial is not None
+    io.write_json(partial / METRICS_FILE, evaluation.to_json(plan.spec.name, plan.manifest.name))
+
+    table = _text_io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["class_name", "group", *METRIC_KEYS])
+    for class_name, values in evaluation.per_class.items():
+        writer.writerow([class_name, values["group"], *(values.get(key, float("nan")) for key in METRIC_KEYS)])
+    io.write_text(partial / PER_CLASS_FILE, table.getvalue())
+
+    table = _text_io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["class_name", "image", "label", "defect_type", "score"])
+    for record, score in zip(records, scores):
+        writer.writerow([record.class_name, record.image, record.label, record.defect_type, repr(float(score))])
+    io.write_text(partial / SCORES_FILE, table.getvalue())
+
+    written = _write_overlays(plan, records, scores, anomaly_maps, masks, options.overlays_per_class)
+    log(f"Wrote metrics, per-class table, {len(records)} image scores and {written} overlays")
+
+
+def select_overlays(labels: np.ndarray, scores: np.ndarray, count: int) -> list[int]:
+    """Which images of one class get an overlay: the highest-scoring anomalies and the highest-scoring normal.
+
+    Parameters: labels, scores: (N,) of the class's test images; count: how many to pick.
+    Returns: positions into the arrays, at most `count`.
+    """
+    if count <= 0:
+        return []
+    by_score = np.argsort(-scores, kind="stable")
+    anomalous = [int(i) for i in by_score if labels[i] == 1]
+    normal = [int(i) for i in by_score if labels[i] == 0]
+    chosen = anomalous[:count - 1] + normal[:1] if normal else anomalous[:count]
+    rest = [i for i in anomalous + normal if i not in chosen]
+    return (chosen + rest)[:count]
+
+
+def _write_overlays(plan: _Plan, records: list, scores: np.ndarray, anomaly_maps: np.ndarray,
+                    masks: np.ndarray, per_class: int) -> int:
+    assert plan.partial is not None
+    maps_dir = plan.partial / MAPS_DIR
+    ranges: dict[str, list[float]] = {}
+    written = 0
+    for class_name in plan.manifest.class_order:
+        positions = np.array([i for i, r in enumerate(records) if r.class_name == class_name], dtype=np.int64)
+        if len(positions) == 0:
+            continue
+        low, high = value_range(anomaly_maps[positions])
+        ranges[class_name] = [low, high]
+        labels = np.array([records[i].label for i in positions])
+        used: set[str] = set()
+        for local in select_overlays(labels, scores[positions], per_class):
+            i = int(positions[local])
+            record = records[i]
+            stem = f"{record.defect_type}_{Path(record.image).stem}"
+            name, n = stem, 1
+            while name in used:
+                n += 1
+                name = f"{stem}_{n}"
+            used.add(name)
+            image, _ = read_image_uint8(plan.catalog.path(record.image))
+            title = f"{class_name} / {record.defect_type} / {Path(record.image).name}   score {scores[i]:.4g}"
+            save_overlay(maps_dir / class_name / f"{name}.png", image, anomaly_maps[i], masks[i], (low, high), title)
+            written += 1
+    io.write_json(maps_dir / VALUE_RANGES_FILE, ranges)
+    return written
+
+
+# ----------------------------------------------------------------------------- predict on new images
+
+
+@dataclass
+class ImagePrediction:
+    """The score of one new image and where its overlay went."""
+
+    image: Path
+    class_name: str
+    score: float
+    overlay: Path
+
+
+def predict_images(run_dir: Path, images: Sequence[Path], class_name: str, out_dir: Path,
+                   device: str | None = None, batch_size: int = 16) -> list[ImagePrediction]:
+    """Score new images with a finished run's model; write scores.csv and one overlay per image.
+
+    Parameters: run_dir: a run directory; images: image files; class_name: their class (one of
+    the run's classes); out_dir: where scores.csv and the overlays go.
+    Returns: one `ImagePrediction` per image, in order.
+    """
+    from ltbench import metrics
+
+    run_dir = Path(run_dir)
+    record = read_run_record(run_dir)
+    if not (run_dir / MODEL_DIR).is_dir():
+        raise RunError(f"{run_dir / MODEL_DIR} is missing; {run_dir} is not a finished run")
+    classes = list(record.get("class_order", []))
+    if class_name not in classes:
+        raise ConfigError(f"--class {class_name!r} is not a class of run {run_dir}; its classes: {', '.join(classes)}")
+    if not images:
+        raise ConfigError("give at least one image to predict")
+    spec = resolve_detector(record["detector"])
+    torch_device, _ = choose_device(device)
+    detector = spec.cls.load(run_dir / MODEL_DIR)
+    ranges_path = run_dir / MAPS_DIR / VALUE_RANGES_FILE
+    ranges = json.loads(ranges_path.read_text()) if ranges_path.is_file() else {}
+    index = classes.index(class_name)
+
+    paths = [Path(p) for p in images]
+    loaded = [load_image(p) for p in paths]  # read all first: a bad file fails before anything is written
+    results: list[ImagePrediction] = []
+    all_maps: list[np.ndarray] = []
+    all_scores: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(loaded), batch_size):
+            batch = torch.stack(loaded[start:start + batch_size])
+            class_idx = torch.full((len(batch),), index, dtype=torch.int64)
+            prediction = detector.predict(batch.to(torch_device), class_idx.to(torch_device))
+            scores, maps = check_prediction(prediction, len(batch), spec.name)
+            maps_np = maps.float().numpy()
+            if scores is None:
+                scores = torch.as_tensor(np.asarray(metrics.image_score_from_map(maps_np)))
+            all_maps.extend(maps_np)
+            all_scores.extend(float(s) for s in scores)
+    low, high = ranges.get(class_name) or value_range(np.stack(all_maps))
+
+    out_dir = Path(out_dir)
+    used: set[str] = set()
+    for path, image, heat, score in zip(paths, loaded, all_maps, all_scores):
+        name, n = path.stem, 1
+        while name in used:
+            n += 1
+            name = f"{path.stem}_{n}"
+        used.add(name)
+        overlay = out_dir / f"{name}.png"
+        save_overlay(overlay, image, heat, None, (low, high), f"{class_name} / {path.name}   score {score:.4g}")
+        results.append(ImagePrediction(image=path, class_name=class_name, score=score, overlay=overlay))
+
+    table = _text_io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["image", "class_name", "score", "overlay"])
+    for result in results:
+        writer.writerow([str(result.image), result.class_name, repr(result.score), str(result.overlay)])
+    io.write_text(out_dir / SCORES_FILE, table.getvalue())
+    return results

@@ -1,0 +1,195 @@
+"""Conformance check for detectors, and a small in-memory `TrainSet` to run it on.
+
+`check_detector(cls, train_set)` asserts everything the runner relies on (DESIGN.md, "The
+detector contract"); detector authors call it from their tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ltbench.detector import IMAGE_SIZE, TrainSet, check_prediction, validate_detector_class
+from ltbench.errors import DetectorError, LTBenchError
+
+
+class TensorTrainSet:
+    """A `TrainSet` over images held in memory (for tests and the conformance check)."""
+
+    def __init__(self, images: Tensor, class_idx: Tensor, class_names: list[str], checkpoint_dir: Path,
+                 device: torch.device | str = "cpu"):
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(f"images must be (N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}); got {tuple(images.shape)}")
+        self.images = images.float()       # (N, 3, 224, 224) in [0, 1]
+        self.class_idx = class_idx.long()  # (N,)
+        self.class_names = list(class_names)
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield (images (B, 3, 224, 224), class_idx (B,)) in a seeded order."""
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)) if shuffle \
+            else torch.arange(len(self))
+        for start in range(0, len(self), batch_size):
+            chosen = order[start:start + batch_size]
+            yield self.images[chosen], self.class_idx[chosen]
+
+
+def pattern_images(n_classes: int = 2, per_class: int = 3, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Small structured images: each class a distinct colour gradient plus mild noise.
+
+    Returns: (images (n_classes * per_class, 3, 224, 224) in [0, 1], class_idx (N,) int64).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(0.0, 1.0, IMAGE_SIZE)
+    images, labels = [], []
+    for c in range(n_classes):
+        base = torch.stack([ramp.view(1, -1).expand(IMAGE_SIZE, IMAGE_SIZE) * (c + 1) / (n_classes + 1),
+                            ramp.view(-1, 1).expand(IMAGE_SIZE, IMAGE_SIZE),
+                            torch.full((IMAGE_SIZE, IMAGE_SIZE), (c + 0.5) / n_classes)])
+        for _ in range(per_class):
+            noise = 0.05 * torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+            images.append((base + noise).clamp(0, 1))
+            labels.append(c)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+def _fail(cls: type, what: str) -> DetectorError:
+    return DetectorError(f"{cls.__module__}.{cls.__qualname__} fails the detector contract: {what}")
+
+
+def _predict(detector: Any, images: Tensor, class_idx: Tensor, cls: type) -> tuple[Tensor | None, Tensor]:
+    with torch.no_grad():
+        prediction = detector.predict(images, class_idx)
+    try:
+        return check_prediction(prediction, len(images), cls.__qualname__)
+    except DetectorError as exc:
+        raise _fail(cls, str(exc)) from None
+
+
+def _same(a: tuple[Tensor | None, Tensor], b: tuple[Tensor | None, Tensor]) -> bool:
+    scores_equal = (a[0] is None and b[0] is None) or (a[0] is not None and b[0] is not None and torch.equal(a[0], b[0]))
+    return scores_equal and torch.equal(a[1], b[1])
+
+
+def _expect_load_error(cls: type, directory: Path, change: str) -> None:
+    try:
+        cls.load(directory)
+    except LTBenchError:
+        return
+    except Exception as exc:  # noqa: BLE001 - any other exception type is itself the failure reported
+        raise _fail(cls, f"load() of a model directory with {change} raised {type(exc).__name__} ({exc}); "
+                         "it must raise an LTBenchError (e.g. DetectorError)") from None
+    raise _fail(cls, f"load() accepted a model directory with {change}; load must be strict")
+
+
+def _check_strict_load(cls: type, saved: Path, scratch: Path) -> None:
+    """Tamper with copies of the saved directory: an unknown config key, an extra and a missing tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    config_path = saved / "config.json"
+    config = json.loads(config_path.read_text())
+    if not isinstance(config, dict):
+        raise _fail(cls, "save() must write config.json holding a JSON object")
+
+    unknown_key = scratch / "unknown_key"
+    shutil.copytree(saved, unknown_key)
+    (unknown_key / "config.json").write_text(json.dumps({**config, "not_a_config_key": 1}))
+    _expect_load_error(cls, unknown_key, "an unknown key in config.json")
+
+    weights = sorted(saved.glob("*.safetensors"))
+    extra = scratch / "extra_tensor"
+    shutil.copytree(saved, extra)
+    tensors = load_file(str(extra / weights[0].name))
+    save_file({**tensors, "not_a_weight": torch.zeros(1)}, str(extra / weights[0].name))
+    _expect_load_error(cls, extra, f"an unknown tensor in {weights[0].name}")
+
+    for weight_file in weights:
+        tensors = load_file(str(weight_file))
+        if tensors:
+            missing = scratch / f"missing_{weight_file.stem}"
+            shutil.copytree(saved, missing)
+            dropped = min(tensors)
+            save_file({k: v for k, v in tensors.items() if k != dropped}, str(missing / weight_file.name))
+            _expect_load_error(cls, missing, f"tensor {dropped!r} missing from {weight_file.name}")
+            break
+
+
+def check_detector(cls: type, train_set: TrainSet, config: Any = None, images: Tensor | None = None,
+                   class_idx: Tensor | None = None, work_dir: Path | None = None) -> Any:
+    """Check that `cls` meets the detector contract on `train_set`; raise `DetectorError` saying what fails.
+
+    Checks, in order: the contract's members exist; `Config` is a frozen dataclass whose fields
+    all have defaults; `__init__` stores the config; `predict` before `fit` raises
+    `DetectorError`; `fit` returns self; `predict` returns a `Prediction` with image scores (B,)
+    and anomaly maps (B, 224, 224), floating point and finite, the same on a second call;
+    `save` writes config.json and *.safetensors only; `load` gives identical predictions and
+    rejects an unknown config key, an unknown tensor and a missing tensor.
+
+    Parameters: cls: the detector class; train_set: what `fit` trains on; config: the config to
+    use (default `cls.Config()`); images, class_idx: a batch to predict on (default: the first
+    batch of `train_set`, at most 4 images); work_dir: where to save (default a temporary folder).
+    Returns: the fitted detector.
+    """
+    validate_detector_class(cls)
+    config_cls = cls.Config
+    params = getattr(config_cls, "__dataclass_params__", None)
+    if params is None or not params.frozen:
+        raise _fail(cls, "Config must be a frozen dataclass (@dataclass(frozen=True))")
+    no_default = [f.name for f in dataclasses.fields(config_cls)
+                  if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if no_default:
+        raise _fail(cls, f"every Config field needs a default; {', '.join(no_default)} has none")
+    config = config if config is not None else config_cls()
+
+    detector = cls(config)
+    if not any(value is config for value in vars(detector).values()):
+        raise _fail(cls, "__init__(config) must store the config it is given (e.g. self.config = config)")
+
+    if images is None or class_idx is None:
+        images, class_idx = next(iter(train_set.batches(min(4, len(train_set)), shuffle=False)))
+    try:
+        detector.predict(images, class_idx)
+    except DetectorError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - the wrong exception type is the failure reported
+        raise _fail(cls, f"predict before fit raised {type(exc).__name__} ({exc}); it must raise DetectorError") from None
+    else:
+        raise _fail(cls, "predict before fit returned a result; it must raise DetectorError")
+
+    fitted = detector.fit(train_set)
+    if fitted is not detector:
+        raise _fail(cls, "fit() must return self")
+    first = _predict(detector, images, class_idx, cls)
+    if not _same(first, _predict(detector, images, class_idx, cls)):
+        raise _fail(cls, "predict() gives different results for the same input; it must be deterministic in eval")
+
+    with tempfile.TemporaryDirectory(dir=work_dir) as scratch_name:
+        scratch = Path(scratch_name)
+        saved = scratch / "model"
+        detector.save(saved)
+        files = sorted(p.name for p in saved.iterdir()) if saved.is_dir() else []
+        if "config.json" not in files or not any(name.endswith(".safetensors") for name in files):
+            raise _fail(cls, f"save() must write config.json and *.safetensors into the directory; wrote {files}")
+        others = [name for name in files if not name.endswith((".json", ".safetensors"))]
+        if others:
+            raise _fail(cls, f"save() may write only JSON and safetensors files (no pickle); also wrote {others}")
+        loaded = cls.load(saved)
+        if not isinstance(loaded, cls):
+            raise _fail(cls, f"load() must return a {cls.__qualname__}; got {type(loaded).__name__}")
+        if not _same(first, _predict(loaded, images, class_idx, cls)):
+            raise _fail(cls, "a saved and loaded detector predicts differently from the original")
+        _check_strict_load(cls, saved, scratch)
+    return detector
