@@ -167,17 +167,10 @@ def open_run_split(split: str, root: str | None) -> tuple[Any, Any, str]:
     """
     from ltbench import datasets, splits
 
-    if is_manifest_path(split):
-        manifest = splits.load_manifest(split)
-        root_path, where = datasets.resolve_root(manifest.dataset, root)
-        catalog = datasets.open_catalog(manifest.dataset, root_path)
-        manifest.verify(catalog.root)
-        return manifest, catalog, where
-    if split.count("/") != 1:
+    if not is_manifest_path(split) and split.count("/") != 1:
         raise ConfigError(f"--split {split!r} must look like DATASET/CONFIG (e.g. synth/exp100) or be a manifest path")
-    dataset = split.split("/")[0]
-    _, where = datasets.resolve_root(dataset, root)
     manifest, catalog = splits.open_split(split, root)
+    _, where = datasets.resolve_root(manifest.dataset, root)
     return manifest, catalog, where
 
 
