@@ -135,6 +135,14 @@ def _csv_bytes(rows: list[ManifestRow]) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
+def manifest_json_path(csv_path: str | os.PathLike) -> Path:
+    """The JSON beside a manifest CSV; raises `SplitError` unless the path ends in .csv."""
+    csv_path = Path(csv_path)
+    if csv_path.suffix != ".csv":
+        raise SplitError(f"manifest path {csv_path} must end in .csv (the JSON is written beside it)")
+    return csv_path.with_suffix(".json")
+
+
 def _json_text(data: dict) -> str:
     """Manifest JSON exactly as written to disk (the format of `ltbench.io.write_json`)."""
     return json.dumps(data, indent=2) + "\n"
@@ -211,9 +219,7 @@ class Manifest:
     def write(self, csv_path: str | os.PathLike) -> None:
         """Write `<name>.csv` and `<name>.json` atomically (only the JSON for a recipe-only manifest)."""
         csv_path = Path(csv_path)
-        if csv_path.suffix != ".csv":
-            raise SplitError(f"manifest path {csv_path} must end in .csv (the JSON is written beside it)")
-        json_path = csv_path.with_suffix(".json")
+        json_path = manifest_json_path(csv_path)
         if self.recipe_only:
             write_json(json_path, self.to_json())
             return
