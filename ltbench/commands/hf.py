@@ -59,4 +59,35 @@ def download_command(dataset: str, root: Path | None, url: str | None, checksums
     click.echo(f"Use it with --root {target}" + (" (or set LTBENCH_DATA)" if root is not None else ""))
 
 
-COMMANDS = [download_command]
+@click.command("export-hf")
+@click.option("--split", "split_name", required=True,
+              help="A pinned split (visa/exp200) or the path of a manifest .csv.")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The dataset root [default: $LTBENCH_DATA/<dataset>].")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder to write data/*.parquet, manifest/ and README.md into.")
+@click.option("--push-to-hub", "repo_id", default=None, metavar="REPO",
+              help="Also upload the folder to this 🤗 Hub dataset repo (token from HF_TOKEN or `hf auth login`).")
+@click.option("--private", is_flag=True, help="Create the Hub repo as private (with --push-to-hub).")
+@click.option("--max-shard-mb", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Largest parquet shard, in MiB of source files.")
+def export_hf_command(split_name: str, root: Path | None, out: Path, repo_id: str | None, private: bool,
+                      max_shard_mb: int) -> None:
+    """Export a split as 🤗 parquet shards with a dataset card; optionally push it to the Hub."""
+    from ltbench import hf  # imports `datasets`: slow, so only when this command runs
+
+    if private and repo_id is None:
+        raise click.UsageError("--private only applies with --push-to-hub REPO")
+    result = hf.export_split(split_name, out, root, max_shard_bytes=max_shard_mb * 2**20, repo_id=repo_id)
+    dataset = result.split.split("/", 1)[0]
+    click.echo(f"Exported {result.split} to {out}: "
+               + ", ".join(f"{split} {rows} rows in {len(result.shards[split])} shard(s)"
+                           for split, rows in result.num_rows.items()))
+    click.echo(f"The images stay under their source licence: {TERMS[dataset].licence_line()}")
+    if repo_id is not None:
+        click.echo(f"Pushing to the dataset repo {repo_id}{' (private)' if private else ''} ...")
+        url = hf.push_to_hub(out, repo_id, private=private)
+        click.echo(f"Pushed: {url}")
+
+
+COMMANDS = [download_command, export_hf_command]
