@@ -16,6 +16,7 @@ import os
 import platform
 import random
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -443,6 +444,9 @@ def run(options: RunOptions, report: Reporter | None = None) -> RunResult:
                             f"resume with: {command}]") from None
         raise
 
+    checkpoints = plan.partial / CHECKPOINT_DIR
+    if checkpoints.is_dir():  # training state is only needed to resume; the run directory holds the model
+        shutil.rmtree(checkpoints)
     if plan.final.exists():
         raise RunError(f"{plan.final} appeared while this run was working; the result stays in {plan.partial}")
     os.rename(plan.partial, plan.final)
@@ -472,8 +476,6 @@ def _train_predict_evaluate(plan: _Plan, options: RunOptions, log: RunLog) -> An
             raise RunError(f"{spec.name}.fit() must return self (the detector contract)")
         staging = plan.partial / f".{MODEL_DIR}.tmp"
         if staging.exists():
-            import shutil
-
             shutil.rmtree(staging)
         detector.save(staging)
         os.rename(staging, model_dir)  # model/ exists only once it is complete

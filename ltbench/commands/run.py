@@ -6,10 +6,28 @@ The library modules are imported inside the commands so that `ltbench --help` st
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 
 import click
+
+
+def _command_line(ctx: click.Context) -> str:
+    """The command as the user typed it, rebuilt from the parameters given on the command line."""
+    from click.core import ParameterSource
+
+    parts = ["ltbench", *ctx.command_path.split()[1:]]  # the program name as installed
+    for param in ctx.command.params:
+        if ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[param.name]
+        if isinstance(param, click.Argument):
+            parts += [str(v) for v in value] if isinstance(value, tuple) else [str(value)]
+        elif getattr(param, "is_flag", False):
+            parts.append(param.opts[0])
+        else:
+            for item in value if isinstance(value, tuple) else (value,):
+                parts += [param.opts[0], str(item)]
+    return " ".join(shlex.quote(part) if i else part for i, part in enumerate(parts))
 
 
 def _info(line: str) -> None:
@@ -47,7 +65,7 @@ def run_command(model: str, split: str | None, root: str | None, preset: str | N
     options = RunOptions(model=model, split=split, root=root, preset=preset, config_file=config_file,
                          set_values=set_values, out=out, device=device, seed=seed, resume=resume,
                          batch_size=batch_size, overlays_per_class=overlays_per_class,
-                         command=" ".join(shlex.quote(a) for a in ["ltbench", *sys.argv[1:]]))
+                         command=_command_line(click.get_current_context()))
     result = run(options, report=_info)
     click.echo(result.evaluation.format_summary())
     click.echo(f"Run directory: {result.run_dir}")
