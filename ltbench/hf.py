@@ -254,7 +254,7 @@ def dataset_card(manifest: Manifest, result: ExportResult, features: datasets.Fe
 # LTBench {manifest.name}
 
 A long-tailed training split of **{terms.title}** for multi-class unsupervised anomaly detection,
-made with [LTBench](https://github.com/ltbench/ltbench) {__version__}, following the benchmark of the
+made with LTBench {__version__}, following the benchmark of the
 LTAD paper (Ho et al., CVPR 2024). `train` holds the split's {result.num_rows.get('train', 0)} selected
 normal images; `test` holds the dataset's whole test set ({result.num_rows.get('test', 0)} images, never
 resampled).

@@ -13,6 +13,7 @@ import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import fakes
 import pytest
 from click.testing import CliRunner
 
@@ -186,6 +187,16 @@ def test_interrupted_run_keeps_the_part_file_and_the_next_run_resumes(server, tm
     assert not part.exists()
 
 
+def test_complete_part_file_is_verified_without_downloading_again(server, tmp_path):
+    # interrupted after the last byte arrived, before the rename: the server answers 416 to the resume
+    part = tmp_path / "visa" / DOWNLOADS_DIR / f"{VISA_ARCHIVE}.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(GOOD_TAR)
+    fetch_visa(server, tmp_path / "visa", retries=0)
+    assert server.requests == [("/" + VISA_ARCHIVE, f"bytes={len(GOOD_TAR)}-")]
+    assert_good_tree(tmp_path / "visa")
+
+
 def test_server_ignoring_range_restarts_the_file(server, tmp_path):
     server.cut_first_after["/" + VISA_ARCHIVE] = 20_000
     server.honour_range = False
@@ -205,6 +216,11 @@ def test_local_mirror_file_is_verified_and_kept(tmp_path):
                      progress=False, verify_files=False)
     assert_good_tree(tmp_path / "visa")
     assert mirror.read_bytes() == GOOD_TAR
+
+    with pytest.raises(DownloadError, match="nothing was extracted and .*mirror.tar was left as it is"):
+        download_dataset("visa", tmp_path / "other", url=str(mirror), checksums={VISA_ARCHIVE: "f" * 64},
+                         progress=False, verify_files=False)
+    assert mirror.read_bytes() == GOOD_TAR and not (tmp_path / "other" / "candle").exists()
 
 
 UNSAFE_ARCHIVES = {
@@ -248,19 +264,32 @@ def test_safe_links_and_hardlinks_inside_the_root_extract(tmp_path):
     assert not (tmp_path / "root/top/b.txt").is_symlink()
 
 
-def test_dagm_checksums_are_not_pinned_and_are_reported(server, tmp_path):
+def test_dagm_checksums_are_not_pinned_reported_and_its_labels_checked(server, tmp_path):
+    source = fakes.make_dagm_tree(tmp_path / "source")
     bodies = {}
-    for i in range(1, 11):
-        bodies[f"Class{i}.zip"] = make_zip([("file", f"Class{i}/Train/0001.PNG", bytes([i]) * 100)])
-        server.files[f"/mirror/Class{i}.zip"] = bodies[f"Class{i}.zip"]
-    report = download_dataset("dagm", tmp_path / "dagm", url=server.url("/mirror/"), progress=False,
-                              verify_files=False)
+    for class_dir in sorted(source.iterdir()):   # one zip per class, as on Zenodo
+        members = [("file", path.relative_to(source).as_posix(), path.read_bytes())
+                   for path in sorted(class_dir.rglob("*")) if path.is_file()]
+        bodies[f"{class_dir.name}.zip"] = make_zip(members)
+        server.files[f"/mirror/{class_dir.name}.zip"] = bodies[f"{class_dir.name}.zip"]
+    root = tmp_path / "dagm"
+    report = download_dataset("dagm", root, url=server.url("/mirror/"), progress=False)
     assert len(report.unpinned) == 10
     for archive in report.archives:
         body = bodies[archive.filename]
         assert archive.sha256 == hashlib.sha256(body).hexdigest()
         assert archive.md5 == hashlib.md5(body).hexdigest()
-    assert (tmp_path / "dagm/Class7/Train/0001.PNG").read_bytes() == bytes([7]) * 100
+    # every image and mask named by the Labels.txt files was found
+    expected = {p.relative_to(source).as_posix() for p in source.rglob("*.PNG")}
+    assert report.files_checked == len(expected) and report.unexpected_files == 0
+    assert {p.relative_to(root).as_posix() for p in root.rglob("*.PNG")} == expected
+
+    result = CliRunner().invoke(main, ["download", "dagm", "--root", str(tmp_path / "dagm-cli"),
+                                       "--url", server.url("/mirror/")])
+    assert result.exit_code == 0, result.output
+    assert "No checksum is pinned for the dagm archives" in result.output
+    sha1 = hashlib.sha256(bodies["Class1.zip"]).hexdigest()
+    assert f"--sha256 Class1.zip={sha1}" in result.output
 
 
 def test_parse_checksums():
