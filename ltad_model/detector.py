@@ -715,7 +715,7 @@ def inspect_names(path: Path, top: int = 5) -> tuple[dict[str, Any], dict[str, l
 
 
 def image_score_from_map(maps: Tensor) -> Tensor:
-    """Image score per the evaluation protocol: max of the 16×16 average-pooled map (stride 1); (B,)."""
+    """Image score per the evaluation protocol: max of the 16×16 average-pooled map (stride 1); (B,) float32."""
     from ltbench.metrics import image_score_from_map as protocol_score
 
-    return protocol_score(maps)
+    return torch.from_numpy(protocol_score(maps)).float()
