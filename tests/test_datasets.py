@@ -87,10 +87,10 @@ def test_mvtec_catalog_of_the_full_file_names_equals_the_shipped_list(mvtec_name
     assert catalog.fingerprint() == shipped.fingerprint()
 
 
-def test_mvtec_rejects_other_layouts_and_partial_roots(tmp_path, mvtec_tree):
-    (tmp_path / "empty").mkdir()
+def test_mvtec_rejects_other_layouts_and_partial_roots(fast_path, mvtec_tree):
+    (fast_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="is not an MVTec AD root: expected the MVTec AD layout"):
-        mvtec.read_catalog(tmp_path / "empty")
+        mvtec.read_catalog(fast_path / "empty")
     shutil.rmtree(mvtec_tree / "screw")
     with pytest.raises(DatasetError, match="lacks the MVTec AD classes screw .*--dataset folder"):
         mvtec.read_catalog(mvtec_tree)
@@ -102,8 +102,8 @@ def test_missing_mask_is_named(mvtec_tree):
         mvtec.read_catalog(mvtec_tree)
 
 
-def test_visa_raw_layout(tmp_path):
-    root = fakes.make_visa_tree(tmp_path / "visa", counts={c: 2 for c in visa.CLASS_ORDER})
+def test_visa_raw_layout(fast_path):
+    root = fakes.make_visa_tree(fast_path / "visa", counts={c: 2 for c in visa.CLASS_ORDER})
     catalog = visa.read_catalog(root)
     assert visa.layout(root) == "raw" and catalog.class_names == visa.CLASS_ORDER
     assert [r.image for r in catalog.train_normals("pcb1")] == ["pcb1/Data/Images/Normal/0000.JPG",
@@ -136,8 +136,8 @@ def test_visa_rejects_other_layouts(mvtec_tree):
 
 
 @pytest.mark.parametrize("nested", [False, True])
-def test_dagm_catalog_flat_and_nested(tmp_path, nested):
-    root = fakes.make_dagm_tree(tmp_path / "dagm", nested=nested)
+def test_dagm_catalog_flat_and_nested(fast_path, nested):
+    root = fakes.make_dagm_tree(fast_path / "dagm", nested=nested)
     catalog = dagm.read_catalog(root)
     prefix = "Class3/Class3" if nested else "Class3"
     assert catalog.class_names == dagm.CLASS_ORDER
@@ -153,7 +153,7 @@ def test_dagm_catalog_flat_and_nested(tmp_path, nested):
     assert all(catalog.path(r.image).is_file() for r in catalog.records)
 
 
-def test_dagm_errors_name_the_file(dagm_tree, tmp_path):
+def test_dagm_errors_name_the_file(dagm_tree, fast_path):
     labels = dagm_tree / "Class2" / "Test" / "Label" / "Labels.txt"
     labels.write_text(labels.read_text() + "9\tmaybe\t0009.PNG\t0\t0\n")
     with pytest.raises(DatasetError, match=r"Class2/Test/Label/Labels.txt line 5 is not"):
@@ -164,39 +164,39 @@ def test_dagm_errors_name_the_file(dagm_tree, tmp_path):
     shutil.rmtree(dagm_tree / "Class4")
     with pytest.raises(DatasetError, match="lacks the DAGM classes Class4"):
         dagm.read_catalog(dagm_tree)
-    (tmp_path / "empty").mkdir()
+    (fast_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="is not a DAGM 2007 root: expected the DAGM 2007 layout"):
-        dagm.read_catalog(tmp_path / "empty")
+        dagm.read_catalog(fast_path / "empty")
 
 
-def test_folder_class_order_and_mask_names(tmp_path):
-    root = fakes.make_mvtec_tree(tmp_path / "products", counts={"bolt": 3, "gear": 7, "axle": 3}, mask_suffix="")
+def test_folder_class_order_and_mask_names(fast_path):
+    root = fakes.make_mvtec_tree(fast_path / "products", counts={"bolt": 3, "gear": 7, "axle": 3}, mask_suffix="")
     catalog = folder.read_catalog(root)
     assert catalog.dataset == "folder"
     assert catalog.class_names == ["gear", "axle", "bolt"]  # by training normals, then name
     assert catalog.test_records("gear")[0].mask == "gear/ground_truth/crack/000.png"
-    (tmp_path / "nothing").mkdir()
+    (fast_path / "nothing").mkdir()
     with pytest.raises(DatasetError, match="has no class folders: expected an MVTec-style layout"):
-        folder.read_catalog(tmp_path / "nothing")
+        folder.read_catalog(fast_path / "nothing")
 
 
-def test_resolve_root_order_and_messages(tmp_path, monkeypatch, mvtec_tree):
+def test_resolve_root_order_and_messages(fast_path, monkeypatch, mvtec_tree):
     assert resolve_root("mvtec", mvtec_tree) == (mvtec_tree, f"mvtec root {mvtec_tree} (from --root)")
     with pytest.raises(DatasetError, match=r"no root for dataset 'visa': pass --root DIR, or set LTBENCH_DATA"):
         resolve_root("visa", None)
-    monkeypatch.setenv("LTBENCH_DATA", str(tmp_path))
+    monkeypatch.setenv("LTBENCH_DATA", str(fast_path))
     path, source = resolve_root("mvtec", None)
-    assert path == tmp_path / "mvtec" and source.endswith("(from $LTBENCH_DATA/mvtec)")
-    with pytest.raises(DatasetError, match=rf"visa root {tmp_path / 'visa'} does not exist: pass --root DIR"):
+    assert path == fast_path / "mvtec" and source.endswith("(from $LTBENCH_DATA/mvtec)")
+    with pytest.raises(DatasetError, match=rf"visa root {fast_path / 'visa'} does not exist: pass --root DIR"):
         resolve_root("visa", None)
     with pytest.raises(DatasetError, match="unknown dataset 'kitti': use one of mvtec, visa, dagm, synth, folder"):
-        resolve_root("kitti", tmp_path)
+        resolve_root("kitti", fast_path)
     assert DATASETS == ("mvtec", "visa", "dagm", "synth", "folder")
     assert open_catalog("mvtec", mvtec_tree).fingerprint() == mvtec.read_catalog(mvtec_tree).fingerprint()
 
 
-def test_check_files_reports_missing_and_unexpected(tmp_path):
-    root = fakes.make_mvtec_tree_from_file_list(tmp_path / "mvtec")
+def test_check_files_reports_missing_and_unexpected(fast_path):
+    root = fakes.make_mvtec_tree_from_file_list(fast_path / "mvtec")
     check = check_files("mvtec", root)
     assert (check.expected, check.missing, check.unexpected) == (6612, [], [])
     (root / "pill/test/crack/003.png").unlink()
@@ -217,7 +217,7 @@ def test_check_files_on_converted_visa_and_dagm(visa_converted_names_tree, dagm_
     assert check.missing == ["Class5/Train/0002.PNG"] and check.unexpected == []
 
 
-def test_check_files_rejects_a_root_with_nothing_of_the_dataset(tmp_path):
-    root = fakes.make_mvtec_tree(tmp_path / "other", counts={"widget": 2})
+def test_check_files_rejects_a_root_with_nothing_of_the_dataset(fast_path):
+    root = fakes.make_mvtec_tree(fast_path / "other", counts={"widget": 2})
     with pytest.raises(DatasetError, match="holds none of the 6612 files of mvtec: expected the MVTec AD layout"):
         check_files("mvtec", root)

@@ -115,11 +115,12 @@ def verify(dataset: str, root: Path | None, split_name: str | None) -> None:
                     "not the pinned ones):", check.unexpected)
     if check.missing:
         _echo_paths("Missing files:", check.missing)
-        raise DatasetError(f"{len(check.missing)} of {check.expected} files of {dataset} are missing under "
-                           f"{root_path}, e.g. {', '.join(check.missing[:3])}: re-extract the dataset there")
-    if split_name:
+    if split_name:  # a split's own missing files are the more specific error
         opened, _ = open_split(split_name, root_path)
         click.echo(f"Split {opened.name}: all {len(opened.rows)} training images present.")
+    if check.missing:
+        raise DatasetError(f"{len(check.missing)} of {check.expected} files of {dataset} are missing under "
+                           f"{root_path}, e.g. {', '.join(check.missing[:3])}: re-extract the dataset there")
 
 
 COMMANDS = [make_split, list_splits, show_split, verify]
