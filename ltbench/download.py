@@ -272,8 +272,9 @@ def _fetch_once(url: str, part: Path, progress: bool, timeout: float) -> None:
             content_range = response.headers.get("Content-Range", "")
             match = re.match(r"bytes (\d+)-", content_range)
             start = int(match.group(1)) if match else -1
-            if start != have:
-                raise _Interrupted(f"the server resumed at {content_range!r}, not at byte {have}")
+            if start != have:   # never splice mismatched pieces: start the file over
+                part.unlink()
+                raise _Interrupted(f"the server resumed at {content_range!r}, not at byte {have}; starting over")
         length = response.headers.get("Content-Length")
         total = start + int(length) if length is not None else None
         mode = "ab" if start else "wb"    # a 200 answer to a Range request restarts the file

@@ -227,3 +227,10 @@ def test_push_uses_the_environment_token_and_never_shows_or_stores_it(visa_split
     assert f"Bearer {token}" in hub.authorizations        # the token was taken from HF_TOKEN and sent
     assert token not in result.output
     assert not [p for p in out.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
+
+
+def test_push_in_offline_mode_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_TOKEN", "hf_unused")
+    with pytest.raises(hf.HubError, match="HF_HUB_OFFLINE is set"):
+        hf.push_to_hub(tmp_path, "someone/visa")
