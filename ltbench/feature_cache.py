@@ -15,6 +15,7 @@ Default root: `$LTBENCH_HOME/features` (`$LTBENCH_HOME` defaults to `~/.cache/lt
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ltbench.backbones import Features, ImageEncoder
 from ltbench.errors import BackboneError
-from ltbench.io import sha256_bytes, write_bytes, write_json
+from ltbench.io import write_bytes, write_json
 
 FLOAT16_MAX = 65504.0  # larger activations are clamped so that the float16 copy stays finite
 BACKBONE_INFO = "backbone.json"  # per-backbone folder: name, digest, layers (for `info`)
@@ -82,8 +83,9 @@ class FeatureCache:
     def key(self, encoder: ImageEncoder, image: Tensor) -> str:
         """Hex sha256 identifying the features of one image (3, H, W) under one encoder."""
         pixels = image.detach().to("cpu", torch.float32).contiguous()
-        header = f"{encoder.name}\n{encoder.digest}\n{encoder.input_size}\n{tuple(pixels.shape)}\n"
-        return sha256_bytes(header.encode() + pixels.numpy().tobytes())
+        digest = hashlib.sha256(f"{encoder.name}\n{encoder.digest}\n{encoder.input_size}\n{tuple(pixels.shape)}\n".encode())
+        digest.update(pixels.numpy())  # the float32 bytes, hashed in place
+        return digest.hexdigest()
 
     def path(self, encoder: ImageEncoder, key: str) -> Path:
         """Where the entry with this key lives."""
@@ -92,7 +94,10 @@ class FeatureCache:
     # ---------------------------------------------------------------- one entry
     @staticmethod
     def _checksum(tensors: Iterable[Tensor]) -> str:
-        return sha256_bytes(b"".join(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in tensors))
+        digest = hashlib.sha256()
+        for tensor in tensors:
+            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        return digest.hexdigest()
 
     def _read(self, path: Path, encoder: ImageEncoder, key: str) -> Entry | None:
         """The entry at `path`, None when there is none; raises _CorruptEntry when it cannot be trusted."""
@@ -170,10 +175,7 @@ class FeatureCache:
                         self._write(self.path(encoder, keys[index]), encoder, keys[index], entry)
                         entries[index] = entry
                     bar.update(len(chunk))
-        maps = OrderedDict((name, torch.stack([e[0][layer] for e in entries]).to(encoder.device, torch.float32))
-                           for layer, name in enumerate(encoder.layer_names))
-        embedding = torch.stack([e[1] for e in entries]).to(encoder.device, torch.float32)
-        return Features(maps, embedding)
+        return _assemble(encoder, entries)
 
     def encode_batches(self, encoder: ImageEncoder, batches: Iterable[Tensor],
                        total: int | None = None) -> Iterator[Features]:
@@ -240,6 +242,19 @@ def _to_float16(maps: list[Tensor], embedding: Tensor) -> Entry:
         return t.detach().clamp(-FLOAT16_MAX, FLOAT16_MAX).to("cpu", torch.float16).contiguous()
 
     return [half(m) for m in maps], half(embedding)
+
+
+def _assemble(encoder: ImageEncoder, entries: list[Entry]) -> Features:
+    """Per-image float16 entries -> batched float32 `Features` on the encoder's device."""
+    first_maps, first_embedding = entries[0]
+    maps = [torch.empty((len(entries), *m.shape), dtype=torch.float32) for m in first_maps]  # (B, C, H, W)
+    embedding = torch.empty((len(entries), *first_embedding.shape), dtype=torch.float32)  # (B, D)
+    for row, (entry_maps, entry_embedding) in enumerate(entries):
+        for batched, m in zip(maps, entry_maps):
+            batched[row].copy_(m)  # float16 -> float32 in place: no stacked float16 intermediate
+        embedding[row].copy_(entry_embedding)
+    return Features(OrderedDict((name, m.to(encoder.device)) for name, m in zip(encoder.layer_names, maps)),
+                    embedding.to(encoder.device))
 
 
 def _remove_if_empty(folder: Path) -> None:
