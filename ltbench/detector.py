@@ -364,7 +364,7 @@ def load_training_state(checkpoint_dir: Path) -> dict[str, Any] | None:
         return None
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - torch's unpickler raises many types for a damaged file
         raise DetectorError(f"cannot read the training state {path} ({exc}); delete it to restart training") from None
     torch.set_rng_state(payload["torch_rng"])
     if "cuda_rng" in payload and torch.cuda.is_available():

@@ -31,6 +31,7 @@ class TensorTrainSet:
         self.class_idx = class_idx.long()  # (N,)
         self.class_names = list(class_names)
         self.checkpoint_dir = Path(checkpoint_dir)
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)  # the runner hands fit() an existing folder too
         self.device = torch.device(device)
 
     def __len__(self) -> int:
