@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ltbench.datasets import DATASETS, Catalog, dataset_module, open_catalog, resolve_root
+from ltbench.datasets import DATASETS, Catalog, dataset_module, layout_of, open_catalog, resolve_root
 from ltbench.errors import LTBenchError, SplitError
 from ltbench.io import atomic_path, sha256_bytes, write_json
 
@@ -296,7 +296,7 @@ def build_split(catalog: Catalog, profile: str, beta: float, reverse: bool = Fal
     for class_name, images in candidates.items():
         if not images:
             raise SplitError(f"class {class_name!r} has no normal training images under {catalog.root}: add "
-                             f"some (for {catalog.dataset}: expected {module.LAYOUT}) or remove the class")
+                             f"some (for {catalog.dataset}: expected {layout_of(catalog.dataset)}) or remove the class")
     n_max = getattr(module, "N_MAX", None) or max(len(images) for images in candidates.values())
     order, targets = _order_and_targets(list(catalog.class_names), reverse, n_max, profile, beta)
     selections = {

@@ -7,6 +7,7 @@ and returns the root it wrote.
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -144,4 +145,22 @@ def make_dagm_tree(root: Path, normals: dict[str, int] | None = None, train_defe
                 number += 1
             (base / split_dir / "Label").mkdir(parents=True, exist_ok=True)
             (base / split_dir / "Label" / "Labels.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def make_synth_names_tree(root: Path) -> Path:
+    """The file names of the built-in synthetic dataset (empty files) with its stamp, as
+    `ltbench.datasets.synth.ensure_generated()` would write them; `synth.read_catalog` accepts it."""
+    from ltbench.datasets import synth
+
+    spec = synth.DEFAULT_SPEC
+    paths = []
+    for class_name in spec.classes:
+        paths += [f"{class_name}/train/good/{i:03d}.png" for i in range(spec.n_train)]
+        paths += [f"{class_name}/test/good/{i:03d}.png" for i in range(spec.n_test_good)]
+        for defect in synth.DEFECTS[class_name]:
+            paths += [f"{class_name}/test/{defect}/{i:03d}.png" for i in range(spec.n_test_per_defect)]
+            paths += [f"{class_name}/ground_truth/{defect}/{i:03d}_mask.png" for i in range(spec.n_test_per_defect)]
+    touch_files(root, paths)
+    (root / synth.STAMP_NAME).write_text(json.dumps(spec.stamp()), encoding="utf-8")
     return root

@@ -209,7 +209,7 @@ def test_pinned_set_is_the_papers():
     expected |= {f"visa/{p}{b}" for p in ("exp", "step") for b in (100, 200, 500)}
     expected |= {f"dagm/{p}{b}" for p in ("exp", "step") for b in (50, 100, 200, 500)}
     expected |= {"dagm/exp200-reverse", "dagm/step200-reverse"}
-    expected |= {n for n in list_pinned() if n.startswith("synth/")}
+    expected |= {"synth/exp100", "synth/step100"}
     assert set(list_pinned()) == expected and len(list_pinned()) == len(expected)
 
 
@@ -233,6 +233,19 @@ def test_pinned_manifest_equals_a_rebuild_from_the_shipped_lists(name):
     shipped = module.catalog_from_file_list(Path("."))
     assert pinned.source_fingerprint == shipped.fingerprint()
     assert pinned.counts == {c: min(t, len(shipped.train_normals(c))) for c, t in zip(order, targets)}
+
+
+@pytest.mark.parametrize("name", [n for n in list_pinned() if n.startswith("synth/")])
+def test_pinned_synth_manifest_equals_a_rebuild_from_its_file_names(name, fast_path):
+    from ltbench.datasets import synth
+
+    catalog = synth.read_catalog(fakes.make_synth_names_tree(fast_path / "synth"))
+    profile, beta, reverse, seed = parse_config(name.split("/")[1])
+    rebuilt = build_split(catalog, profile, beta, reverse, seed)
+    assert load_manifest(name) == rebuilt
+    assert (PINNED_DIR / f"{name}.csv").read_bytes() == rebuilt.csv_bytes()
+    targets = reference_counts(synth.N_MAX, len(synth.CLASS_ORDER), profile, beta)
+    assert rebuilt.counts == dict(zip(synth.CLASS_ORDER, targets))  # every class has N_MAX images
 
 
 def test_dagm_reverse_order_is_the_papers():

@@ -2,8 +2,8 @@
 
 `open_catalog(dataset, root)` is the single entry point; `resolve_root` applies the
 `--root` / `$LTBENCH_DATA/<dataset>` rule. Each dataset module exposes `CLASS_ORDER`,
-`LAYOUT` (a sentence describing the expected folder layout, used in error messages) and
-`read_catalog(root)`; modules may also expose `N_MAX` (the paper's largest class size),
+`read_catalog(root)` and, for error messages, `LAYOUT` (a phrase describing the expected folder
+layout; read through `layout_of`); modules may also expose `N_MAX` (the paper's largest class size),
 `expected_files(root)` (the official file list, for `ltbench verify`), `canonical_path(image)`
 and `localize_paths(root, images)` (for datasets with more than one on-disk layout).
 """
@@ -33,6 +33,7 @@ __all__ = [
     "check_files",
     "dataset_module",
     "image_files_under",
+    "layout_of",
     "open_catalog",
     "paper_class_order",
     "resolve_root",
@@ -54,6 +55,11 @@ def dataset_module(dataset: str) -> ModuleType:
             raise
         raise DatasetError(f"dataset {dataset!r} is not available in this installation "
                            f"(ltbench/datasets/{dataset}.py is missing): reinstall ltbench") from exc
+
+
+def layout_of(dataset: str) -> str:
+    """A phrase describing the folder layout a dataset root must have (for error messages)."""
+    return getattr(dataset_module(dataset), "LAYOUT", f"the {dataset} layout described in its documentation")
 
 
 @cache
@@ -140,5 +146,6 @@ def check_files(dataset: str, root: str | os.PathLike) -> FileCheck:
         folders = list(catalog.class_names)
     present = image_files_under(root, folders)
     if expected and not (expected & present):
-        raise DatasetError(f"{root} holds none of the {len(expected)} files of {dataset}: expected {module.LAYOUT}")
+        raise DatasetError(f"{root} holds none of the {len(expected)} files of {dataset}: expected "
+                           f"{layout_of(dataset)}")
     return FileCheck(dataset, root, len(expected), sorted(expected - present), sorted(present - expected))
