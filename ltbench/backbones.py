@@ -414,7 +414,7 @@ def load_align(source: str) -> tuple[AlignModel, object]:
     if not source:
         raise BackboneError(f"`align:` needs a folder after the colon; {hint}")
     local = Path(source).expanduser()
-    is_local = source != DEFAULT_ALIGN_SOURCE and (local.is_absolute() or source.startswith(".") or local.exists())
+    is_local = source != DEFAULT_ALIGN_SOURCE and (local.is_absolute() or source.startswith((".", "~")) or local.exists())
     if is_local and not (local / "config.json").is_file():
         raise BackboneError(f"{local} is not an ALIGN checkpoint folder (no config.json); {hint}")
     from transformers import AlignModel, AutoTokenizer
