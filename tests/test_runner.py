@@ -420,3 +420,33 @@ def test_mask_size_differs_from_its_image(tiny, tmp_path):
     line = one_error_line(invoke(*run_args((root, tiny[1]), out, "--set", "epochs=1")))
     assert str(mask) in line and "20x20" in line and "32x32" in line
     assert run_dirs(out) == []
+
+
+def test_leaderboard_of_two_runs(tiny, finished, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(finished[0], runs)
+    result = invoke(*run_args(tiny, runs, "--overlays", "0", model=SHIFTED))
+    assert result.exit_code == 0, result.output
+    summaries = {}
+    for run_dir in run_dirs(runs):
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        summaries[metrics["model"]] = metrics
+    assert sorted(summaries) == [MODEL, SHIFTED]
+
+    board = invoke("leaderboard", runs)
+    assert board.exit_code == 0, board.output
+    lines = [line for line in board.output.splitlines() if line.startswith("|")]
+    assert lines[0] == f"| Config. | Task | {MODEL} | {SHIFTED} |"
+    assert len(lines) == 2 + 2  # header, rule, Det., Seg.
+    for line, key in zip(lines[2:], ("image_auroc", "pixel_auroc")):
+        expected = [f"{100 * summaries[m]['summary']['all'][key]:.2f}" for m in (MODEL, SHIFTED)]
+        assert line == f"| exp2 | {'Det.' if key == 'image_auroc' else 'Seg.'} | {' | '.join(expected)} |"
+
+    per_class = invoke("leaderboard", runs, "--per-class", "--format", "csv")
+    rows = list(csv.DictReader(per_class.output.splitlines()))
+    assert [(r["metric"], r["Method"]) for r in rows] == [
+        ("image_auroc", MODEL), ("image_auroc", SHIFTED), ("pixel_auroc", MODEL), ("pixel_auroc", SHIFTED)]
+    for row in rows:
+        metrics = summaries[row["Method"]]
+        assert row["High"] == f"{100 * metrics['summary']['high'][row['metric']]:.2f}"
+        assert row["beta"] == f"{100 * metrics['per_class']['beta'][row['metric']]:.2f}"
