@@ -192,6 +192,11 @@ class Manifest:
         raise SplitError(f"class {class_name!r} is not in split {self.name}: its classes are "
                          f"{', '.join(self.class_order)}")
 
+    def make_split_command(self) -> str:
+        """The `ltbench make-split` command line that rebuilds this split from a root."""
+        return (f"ltbench make-split --dataset {self.dataset} --type {self.profile} --beta {format_beta(self.beta)}"
+                f"{' --reverse' if self.reverse else ''}{f' --seed {self.seed}' if self.seed else ''} --root DIR")
+
     def csv_bytes(self) -> bytes:
         """The CSV file's bytes."""
         return _csv_bytes(self.rows)
@@ -243,7 +248,7 @@ class Manifest:
         """Raise `SplitError` (count and first few) if any selected image is missing under `root`."""
         if self.recipe_only:
             raise SplitError(f"split {self.name} pins only the recipe: build its file list with "
-                             f"ltbench make-split --dataset {self.dataset} --root DIR, or open it with open_split")
+                             f"{self.make_split_command()}, or open it with open_split")
         root = Path(root)
         images = self.local_images(root)
         missing = [image for image in images if not (root / image).is_file()]

@@ -290,7 +290,8 @@ def test_open_split_builds_dagm_from_the_pinned_recipe(dagm_tree):
     assert manifest.counts == {c: min(pinned.target_counts[c], available[c]) for c in pinned.class_order}
     assert manifest.source_fingerprint == catalog.fingerprint()
     assert all(catalog.path(r.image).is_file() for r in manifest.rows)
-    with pytest.raises(SplitError, match="pins only the recipe"):
+    with pytest.raises(SplitError, match="pins only the recipe: build its file list with ltbench make-split "
+                                         "--dataset dagm --type exp --beta 200 --reverse --root DIR"):
         pinned.verify(dagm_tree)
     nested = fakes.make_dagm_tree(dagm_tree.parent / "nested", nested=True)
     assert open_split("dagm/step50", nested)[0].counts == open_split("dagm/step50", dagm_tree)[0].counts

@@ -74,9 +74,7 @@ def show_split(name: str, plot: Path | None) -> None:
     click.echo(describe(manifest))
     click.echo(format_counts(manifest))
     if manifest.recipe_only:
-        click.echo(f"Only the recipe is pinned: build the file list with "
-                   f"ltbench make-split --dataset {manifest.dataset} --type {manifest.profile} "
-                   f"--beta {format_beta(manifest.beta)}{' --reverse' if manifest.reverse else ''} --root DIR.")
+        click.echo(f"Only the recipe is pinned: build the file list with {manifest.make_split_command()}.")
     else:
         click.echo(f"CSV sha256 {manifest.csv_sha256}; source file list {manifest.source_fingerprint}.")
     if plot is not None:
