@@ -367,7 +367,7 @@ def _plan(options: RunOptions, log: RunLog) -> _Plan:
     if is_manifest_path(split_source):
         split_source = str(Path(split_source).resolve())  # so that --resume works from any folder
     split_why = "from --split" if options.split else ("from the resumed run" if stored else "default")
-    log(f"Model: {spec.name} ({spec.target})")
+    log(f"Model: {spec.name}" + (f" ({spec.target})" if spec.target != spec.name else ""))
     log(f"Split: {manifest.name} ({split_why}); data: {where}")
     preset, preset_values, preset_why = choose_preset(spec.cls, manifest.name, options.preset)
     requested = build_config(spec.cls, preset_values, options.config_file, options.set_values)

@@ -47,7 +47,7 @@ def _info(line: str) -> None:
 @click.option("--set", "set_values", multiple=True, metavar="KEY=VALUE",
               help="Override one config field (repeatable; applied last).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True,
-              help="Folder that receives runs/<model>/<dataset>-<config>/<timestamp>/.")
+              metavar="DIR", help="Runs folder: the run goes to DIR/<model>/<dataset>-<config>/<timestamp>/.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[default: cuda when available, else cpu]")
 @click.option("--seed", type=int, help="Seed of every random generator. [default: 0]")
 @click.option("--resume", type=click.Path(path_type=Path), metavar="RUN_DIR",
@@ -92,16 +92,17 @@ def leaderboard_command(runs_dir: Path, dataset: str | None, fmt: str, per_class
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--class", "class_name", required=True, metavar="NAME", help="The class of the images.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("predictions"),
-              show_default=True, help="Folder for scores.csv and the overlay PNGs.")
+              show_default=True, metavar="DIR", help="Folder for scores.csv and the overlay PNGs.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[default: cuda when available, else cpu]")
 def predict_command(run_dir: Path, images: tuple[Path, ...], class_name: str, out: Path, device: str | None) -> None:
     """Score new images with a finished run's model and write heat-map overlays."""
     from ltbench.runner import SCORES_FILE, predict_images
 
     results = predict_images(run_dir, list(images), class_name, out, device=device)
-    click.echo("image,score")
+    width = max(len(f"{r.score:.6g}") for r in results)
+    click.echo(f"{'score'.rjust(width)}  image")
     for result in results:
-        click.echo(f"{result.image},{result.score:.6g}")
+        click.echo(f"{result.score:{width}.6g}  {result.image}")
     _info(f"Wrote {out / SCORES_FILE} and {len(results)} overlays in {out}")
 
 
