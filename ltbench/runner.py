@@ -354,6 +354,8 @@ def _plan(options: RunOptions, log: RunLog) -> _Plan:
         _check_resume(options, spec, stored, partial)
 
     split_source = options.split or (stored.get("split_source", stored["split"]) if stored else DEFAULT_SPLIT)
+    if split_source.startswith("synth/") and options.root is None:
+        log(f"Opening {split_source} (the synthetic dataset is generated on first use, in about a minute)")
     manifest, catalog, where = open_run_split(split_source, options.root)
     if stored is not None:
         if manifest.name != stored["split"]:

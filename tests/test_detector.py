@@ -329,3 +329,14 @@ def test_every_registered_detector_passes_check_detector(name, tmp_path, isolate
     train = TensorTrainSet(images, class_idx, ["bottle", "metal_nut", "screw"], tmp_path / "checkpoints")
     detector = check_detector(cls, train, config=config, work_dir=tmp_path)
     assert detector.config == config
+
+
+def test_the_readme_example_is_a_complete_detector(batch, tmp_path, monkeypatch):
+    text = (TESTS.parent / "docs" / "readme" / "runner.md").read_text()
+    code = text.split("## Add your own detector", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert len([line for line in code.splitlines() if line.strip()]) < 40
+    (tmp_path / "readme_detector.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = resolve_detector("readme_detector:MeanImage")
+    detector = check_detector(spec.cls, train_set(batch, tmp_path), work_dir=tmp_path)
+    assert detector.means_.shape == (2, 3, 28, 28)
