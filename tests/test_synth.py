@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 from ltbench.datasets import synth
 from ltbench.datasets.base import ANOMALY, NORMAL
 from ltbench.errors import DatasetError
+from ltbench.splits import load_manifest, target_counts
 
 SMALL = {"classes": ["screw", "weave"], "n_train": 3, "n_test_good": 2, "n_test_per_defect": 2}
 
@@ -118,9 +116,13 @@ def test_masks_mark_exactly_the_changed_pixels() -> None:
                 assert mask.sum() <= 0.05 * mask.size, f"{where}: defect covers {mask.mean():.3f} of the image"
 
 
-def test_generation_is_deterministic(small_root: Path, tmp_path: Path) -> None:
-    again = synth.generate(tmp_path / "again", workers=2, **SMALL)           # other processes, same bytes
+def test_generation_is_deterministic(small_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    again = synth.generate(tmp_path / "again", workers=2, **SMALL)           # forked processes, same bytes
     assert tree_digest(again) == tree_digest(small_root)
+    monkeypatch.setattr(synth.threading, "active_count", lambda: 2)         # where fork is unsafe: threads
+    threaded = synth.generate(tmp_path / "threaded", workers=2, **SMALL)
+    assert tree_digest(threaded) == tree_digest(small_root)
+    monkeypatch.undo()
     assert synth.read_catalog(again).fingerprint() == synth.read_catalog(small_root).fingerprint()
     other_seed = synth.generate(tmp_path / "seed1", seed=1, workers=1, **SMALL)
     first = (small_root / "weave/train/good/000.png").read_bytes()
@@ -200,6 +202,22 @@ def test_interrupted_generation_leaves_no_half_dataset(small_root: Path, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]   # no root, no temporary
 
 
+def test_a_root_written_meanwhile_by_another_process_is_kept(tmp_path: Path) -> None:
+    root = tmp_path / "synth"
+    tiny = {"classes": ["cap"], "n_train": 1, "n_test_good": 1, "n_test_per_defect": 1}
+
+    def other_process_finishes_first(done: int, total: int) -> None:
+        if not root.exists():
+            synth.generate(root, workers=1, **tiny)
+
+    synth.generate(root, workers=1, progress=other_process_finishes_first, **tiny)
+    first_stamp = (root / synth.STAMP_NAME).stat().st_ino
+    assert synth.read_catalog(root).class_names == ["cap"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]
+    synth.generate(root, workers=1, **tiny)                      # an explicit call does rewrite it
+    assert (root / synth.STAMP_NAME).stat().st_ino != first_stamp
+
+
 def test_ensure_generated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tiny = synth.SynthSpec(classes=("pcb",), n_train=2, n_test_good=1, n_test_per_defect=1)
     monkeypatch.setattr(synth, "DEFAULT_SPEC", tiny)
@@ -220,14 +238,9 @@ def test_ensure_generated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         synth.ensure_generated(tmp_path / "other")
 
 
-def exp100_counts(n_classes: int) -> list[int]:
-    """The split recipe's exp profile with beta = 100 and N_max = 200 (DESIGN.md)."""
-    return [max(1, math.floor(synth.N_MAX * 100 ** (-i / (n_classes - 1)))) for i in range(n_classes)]
-
-
-def mean_image_auroc(class_name: str, n_train: int) -> float:
-    """Image AUROC of scoring each test image by its L2 distance to the mean of the first n_train normals."""
-    train = [synth.render_sample(class_name, "train", "good", i)[0] for i in range(n_train)]
+def mean_image_auroc(class_name: str, train_indices: list[int]) -> float:
+    """Image AUROC of scoring each test image by its L2 distance to the mean of the given normal train images."""
+    train = [synth.render_sample(class_name, "train", "good", i)[0] for i in train_indices]
     mean = np.mean(np.stack(train).astype(np.float64), axis=0)
     keys = [("good", i) for i in range(synth.N_TEST_GOOD)]
     keys += [(d, i) for d in synth.DEFECTS[class_name] for i in range(synth.N_TEST_PER_DEFECT)]
@@ -237,9 +250,15 @@ def mean_image_auroc(class_name: str, n_train: int) -> float:
 
 
 def test_mean_image_baseline_fails_on_exp100() -> None:
-    """Honesty: pixel distance to a class's mean training image must not detect the defects."""
-    counts = exp100_counts(len(synth.CLASS_ORDER))
-    assert counts[0] == 200 and counts[-1] == 2
-    with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool:
-        aurocs = list(pool.map(mean_image_auroc, synth.CLASS_ORDER, counts))
-    assert np.mean(aurocs) < 0.9, dict(zip(synth.CLASS_ORDER, aurocs))
+    """Honesty: pixel distance to a class's mean training image (of the pinned synth/exp100 split) must
+    not detect the defects; the test images are rendered exactly as the files are written."""
+    manifest = load_manifest("synth/exp100")
+    assert manifest.class_order == synth.CLASS_ORDER and manifest.counts["weave"] == 200
+    selected: dict[str, list[int]] = {c: [] for c in manifest.class_order}
+    for row in manifest.rows:
+        assert row.image == f"{row.class_name}/train/good/{Path(row.image).stem}.png"
+        selected[row.class_name].append(int(Path(row.image).stem))
+    assert [len(selected[c]) for c in manifest.class_order] == target_counts(200, 12, "exp", 100)
+    with synth._pool(2) as pool:
+        aurocs = list(pool.map(mean_image_auroc, manifest.class_order, [selected[c] for c in manifest.class_order]))
+    assert np.mean(aurocs) < 0.9, dict(zip(manifest.class_order, aurocs))

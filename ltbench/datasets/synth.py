@@ -18,11 +18,14 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -71,6 +74,7 @@ DEFECTS: dict[str, tuple[str, ...]] = {
 _S = IMAGE_SIZE
 _C = _S / 2.0
 _Y, _X = (np.mgrid[0:_S, 0:_S].astype(np.float32) + 0.5)   # pixel centres, (H, W) each
+_XN, _YN = (_X - _C) / _C, (_Y - _C) / _C                    # the same in [-1, 1], for lighting
 _SENSOR_NOISE = 1.5          # std of the Gaussian sensor noise, in 8-bit levels
 _MIN_DEFECT_PIXELS = 40      # a drawn defect smaller than this (after clipping) is redrawn
 # Gaussian quantiles at the 256 byte levels: sensor noise is drawn as random bytes looked up here,
@@ -127,8 +131,7 @@ def _box_sdf(u: np.ndarray, v: np.ndarray, half_u: float, half_v: float, radius:
 
 def _paint(image: np.ndarray, colour: np.ndarray, coverage: np.ndarray) -> np.ndarray:
     """Composite `colour` ((3,) or (H, W, 3)) over `image` with `coverage` (H, W)."""
-    alpha = coverage[..., None]
-    return image * (1.0 - alpha) + colour * alpha
+    return image + (colour - image) * coverage[..., None]
 
 
 def _noise(rng: np.random.Generator, cell: float, angle: float = 0.0, stretch: float = 1.0,
@@ -142,13 +145,17 @@ def _noise(rng: np.random.Generator, cell: float, angle: float = 0.0, stretch: f
     n_u = math.ceil(_S * 1.5 / cell_u) + 4
     n_v = math.ceil(_S * 1.5 / cell_v) + 4
     grid = Image.fromarray(rng.standard_normal((n_v, n_u)).astype(np.float32))
-    c, s = math.cos(angle), math.sin(angle)
+    # smooth noise is resampled at a fraction of the image size, then enlarged: same look, far cheaper
+    step = 1 if not smooth or min(cell_u, cell_v) < 6 else 2 if min(cell_u, cell_v) < 16 else 4
+    c, s = math.cos(angle) * step, math.sin(angle) * step
     # output pixel (x, y) -> grid (u / cell_u + n_u / 2, v / cell_v + n_v / 2), u/v about the centre
-    data = (c / cell_u, s / cell_u, n_u / 2 - _C * (c + s) / cell_u,
-            -s / cell_v, c / cell_v, n_v / 2 - _C * (c - s) / cell_v)
+    data = (c / cell_u, s / cell_u, n_u / 2 - _C * (c + s) / (cell_u * step),
+            -s / cell_v, c / cell_v, n_v / 2 - _C * (c - s) / (cell_v * step))
     resample = Image.Resampling.BICUBIC if smooth else Image.Resampling.BILINEAR
-    out = np.asarray(grid.transform((_S, _S), Image.Transform.AFFINE, data, resample=resample))
-    return out * np.float32(1.1 if smooth else 1.5)
+    out = grid.transform((_S // step, _S // step), Image.Transform.AFFINE, data, resample=resample)
+    if step > 1:
+        out = out.resize((_S, _S), Image.Resampling.BILINEAR)
+    return np.asarray(out) * np.float32(1.1 if smooth else 1.5)
 
 
 def _fbm(rng: np.random.Generator, cell: float, octaves: int) -> np.ndarray:
@@ -354,7 +361,7 @@ def _render_speckle(rng: np.random.Generator) -> _Scene:
 def _object_scene(albedo: np.ndarray, background: np.ndarray, cover: np.ndarray, **extra) -> _Scene:
     return _Scene(
         albedo=albedo, support=cover >= 0.999, background=background,
-        hole_colour=background.mean(axis=(0, 1)) * 0.4, texture=False, **extra,
+        hole_colour=background[::8, ::8].mean(axis=(0, 1)) * 0.4, texture=False, **extra,
     )
 
 
@@ -720,9 +727,9 @@ def render_sample(class_name: str, split: str, defect: str, index: int, seed: in
     scene = _RENDERERS[class_name](rng)
     # lighting: overall level, a linear gradient in a random direction, and a colour cast
     direction = rng.uniform(0, 2 * math.pi)
-    gradient = rng.uniform(0.0, 0.22) * ((_X - _C) * math.cos(direction) + (_Y - _C) * math.sin(direction)) / _C
-    cast = 1.0 + rng.normal(0.0, 0.025, 3).astype(np.float32)
-    light = rng.uniform(0.85, 1.12) * (1.0 + gradient)[..., None] * cast
+    slope = rng.uniform(0.0, 0.22)
+    gradient = (_XN * np.float32(slope * math.cos(direction)) + _YN * np.float32(slope * math.sin(direction))) + 1.0
+    cast = (1.0 + rng.normal(0.0, 0.025, 3).astype(np.float32)) * np.float32(rng.uniform(0.85, 1.12) * 255.0)
     noise = _NOISE_TABLE[np.frombuffer(rng.bytes(_S * _S * 3), np.uint8).reshape(_S, _S, 3)]
     albedo, mask = scene.albedo, None
     if defect != "good" and with_defect:
@@ -735,7 +742,10 @@ def render_sample(class_name: str, split: str, defect: str, index: int, seed: in
             raise AssertionError(f"synth: no visible {defect} on {class_name} test image {index}")
         # float32 like the clean albedo, so that pixels outside the mask round exactly as without the defect
         albedo = albedo.astype(np.float32, copy=False)
-    image = np.clip(np.rint(albedo * light * 255.0 + noise), 0, 255).astype(np.uint8)
+    exposure = albedo * gradient[..., None]
+    exposure *= cast
+    exposure += noise
+    image = np.clip(np.rint(exposure, out=exposure), 0, 255, out=exposure).astype(np.uint8)
     return image, mask
 
 
@@ -823,7 +833,8 @@ def generate(root: str | os.PathLike, seed: int = 0, *, classes: list[str] | tup
 
     Parameters: root: target folder; seed: dataset seed; classes: a subset of CLASS_ORDER (default
     all); n_train / n_test_good / n_test_per_defect: images per class (defaults: the built-in
-    dataset); workers: processes (default min(2, CPUs); 1 renders in this process);
+    dataset); workers: parallel workers (default min(2, CPUs) for a full dataset; 1 renders in this
+    process; the bytes written do not depend on it);
     progress: called as progress(done, total) after each chunk of images.
     Returns: the root.
     """
@@ -839,11 +850,17 @@ def _generate(root: Path, spec: SynthSpec, workers: int | None,
     if root.exists() and (not root.is_dir() or (any(root.iterdir()) and _read_stamp(root) is None)):
         raise DatasetError(f"synth: {root} exists and is not a generated synth dataset; "
                            "refusing to overwrite it. Remove it or choose another folder.")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    workers = min(2, os.cpu_count() or 1) if workers is None else max(1, workers)
+    stamp_before = _read_stamp(root)
     items = _items(spec)
+    if workers is None:           # a pool only pays for itself on more than a few hundred images
+        workers = min(2, os.cpu_count() or 1) if len(items) > 300 else 1
     chunks = [items[i:i + 48] for i in range(0, len(items), 48)]
-    temporary = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
+    except OSError as error:
+        raise DatasetError(f"synth: cannot create the dataset in {root.parent} ({error}); choose a writable "
+                           "folder (for the built-in copy: set $LTBENCH_HOME).") from None
     try:
         done = 0
         if workers == 1:
@@ -852,18 +869,37 @@ def _generate(root: Path, spec: SynthSpec, workers: int | None,
                 if progress is not None:
                     progress(done, len(items))
         else:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            with _pool(max(1, workers)) as pool:
                 futures = [pool.submit(_write_items, str(temporary), spec.seed, chunk) for chunk in chunks]
                 for future in as_completed(futures):
                     done += future.result()
                     if progress is not None:
                         progress(done, len(items))
         (temporary / STAMP_NAME).write_text(json.dumps(spec.stamp(), indent=2) + "\n", encoding="utf-8")
-        _swap_into_place(temporary, root)
+        written_meanwhile = stamp_before != spec.stamp() and _read_stamp(root) == spec.stamp()
+        if not written_meanwhile:                 # else another process has just written the same dataset
+            _swap_into_place(temporary, root)
+    except OSError as error:
+        raise DatasetError(f"synth: writing the dataset beside {root} failed ({error}); nothing was left "
+                           "behind. Free some disk space (about 250 MB) or choose another folder.") from None
+    except BrokenProcessPool:
+        raise DatasetError("synth: a generation worker died (out of memory?); nothing was left behind. "
+                           "Retry, or generate with workers=1.") from None
     finally:
         if temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)
     return root
+
+
+def _pool(workers: int) -> Executor:
+    """Forked processes where that is safe (Linux, no other thread running), else threads.
+
+    Spawned processes would re-run a caller's script that lacks an `if __name__ == "__main__":`
+    guard; threads still overlap most of the work, as numpy and Pillow release the GIL.
+    """
+    if sys.platform == "linux" and threading.active_count() == 1:
+        return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork"))
+    return ThreadPoolExecutor(max_workers=workers)
 
 
 def _swap_into_place(temporary: Path, root: Path) -> None:
