@@ -247,7 +247,8 @@ def per_class_tables(runs: list[RunEntry], datasets: list[str], with_paper: bool
                         rows.append([label + REPORTED, *(format_reported(v) for v in values)])
                 if not rows:
                     continue
-                title = f"{_title(dataset)}-LT {config}: {METRIC_TITLES[metric]}, %"
+                long_tailed = "-LT" if dataset in DATASET_TITLES else ""  # the paper's name for its splits
+                title = f"{_title(dataset)}{long_tailed} {config}: {METRIC_TITLES[metric]}, %"
                 tables.append(Table(title=title, keys={"dataset": dataset, "config": config, "metric": metric},
                                     columns=["Method", "All", "High", "Low", *classes], rows=rows))
     return tables

@@ -175,6 +175,13 @@ def open_run_split(split: str, root: str | None) -> tuple[Any, Any, str]:
     return manifest, catalog, where
 
 
+def _synth_generated() -> bool:
+    """Whether the built-in synthetic dataset is already generated under $LTBENCH_HOME."""
+    from ltbench.datasets import synth
+
+    return (Path(synth.default_home()).expanduser() / "synth" / synth.STAMP_NAME).is_file()
+
+
 def package_versions() -> dict[str, str]:
     """Versions of Python and the packages a result depends on."""
     versions = {"python": platform.python_version()}
@@ -354,8 +361,8 @@ def _plan(options: RunOptions, log: RunLog) -> _Plan:
         _check_resume(options, spec, stored, partial)
 
     split_source = options.split or (stored.get("split_source", stored["split"]) if stored else DEFAULT_SPLIT)
-    if split_source.startswith("synth/") and options.root is None:
-        log(f"Opening {split_source} (the synthetic dataset is generated on first use, in about a minute)")
+    if split_source.startswith("synth/") and options.root is None and not _synth_generated():
+        log("Generating the synthetic dataset (first use only; this takes a minute or two)")
     manifest, catalog, where = open_run_split(split_source, options.root)
     if stored is not None:
         if manifest.name != stored["split"]:

@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ class MeanConfig:
 
 class MeanDetector:
     Config = MeanConfig
-    PRESETS = {"quick": {"epochs": 2}, "paper": {"epochs": 3}}
+    PRESETS: ClassVar[dict[str, dict]] = {"quick": {"epochs": 2}, "paper": {"epochs": 3}}
 
     def __init__(self, config: MeanConfig):
         self.config = config

@@ -450,3 +450,13 @@ def test_leaderboard_of_two_runs(tiny, finished, tmp_path):
         metrics = summaries[row["Method"]]
         assert row["High"] == f"{100 * metrics['summary']['high'][row['metric']]:.2f}"
         assert row["beta"] == f"{100 * metrics['per_class']['beta'][row['metric']]:.2f}"
+
+
+def test_resume_of_a_finished_run_and_cuda_without_a_gpu(tiny, finished, tmp_path, monkeypatch):
+    line = one_error_line(invoke(*run_args(tiny, tmp_path, "--resume", finished[1])))
+    assert f"{finished[1]} is a finished run; there is nothing to resume" in line
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = invoke("run", "--model", MODEL, "--split", tiny[1], "--root", tiny[0], "--out", tmp_path,
+                    "--device", "cuda")
+    assert "--device cuda: no CUDA device is available" in one_error_line(result)
+    assert not any(tmp_path.iterdir())
