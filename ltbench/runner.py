@@ -16,6 +16,7 @@ import os
 import platform
 import random
 import re
+import shlex
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -286,13 +287,7 @@ def resume_command(options: RunOptions, record: dict[str, Any], partial: Path) -
     if options.root is not None:
         parts += ["--root", str(options.root)]
     parts += ["--resume", str(partial)]
-    return " ".join(_shell_quote(p) for p in parts)
-
-
-def _shell_quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 class RunLog:
@@ -446,7 +441,8 @@ def run(options: RunOptions, report: Reporter | None = None) -> RunResult:
         evaluation = _train_predict_evaluate(plan, options, log)
     except BaseException as exc:
         command = resume_command(options, plan.record, plan.partial)
-        log(f"Run stopped ({type(exc).__name__}: {exc}). Its state is kept in {plan.partial}; "
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        log(f"Run stopped ({reason}). Its state is kept in {plan.partial}; "
             f"resume with: {command}", echo=not isinstance(exc, LTBenchError))
         if isinstance(exc, LTBenchError):
             raise type(exc)(f"{exc} [the unfinished run is kept in {plan.partial}; after fixing this, "
