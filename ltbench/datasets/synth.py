@@ -768,6 +768,8 @@ class SynthSpec:
         if unknown or not self.classes or len(set(self.classes)) != len(self.classes):
             raise DatasetError(f"synth: classes must be distinct names among {', '.join(CLASS_ORDER)}; "
                                f"got {list(self.classes)}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise DatasetError(f"synth: seed must be a non-negative integer, got {self.seed!r}")
         for name in ("n_train", "n_test_good", "n_test_per_defect"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 1 <= value <= 999:
