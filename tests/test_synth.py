@@ -224,13 +224,16 @@ def test_ensure_generated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     tiny = synth.SynthSpec(classes=("pcb",), n_train=2, n_test_good=1, n_test_per_defect=1)
     monkeypatch.setattr(synth, "DEFAULT_SPEC", tiny)
     monkeypatch.setenv("LTBENCH_HOME", str(tmp_path / "home"))
+    assert not synth.is_generated()
     root = synth.ensure_generated()
+    assert synth.is_generated() and synth.is_generated(tmp_path / "home")
     assert root == tmp_path / "home" / "synth"
     assert synth.read_catalog(root).class_names == ["pcb"]
     stamp_time = (root / synth.STAMP_NAME).stat().st_mtime_ns
     assert synth.ensure_generated(tmp_path / "home") == root          # up to date: nothing rewritten
     assert (root / synth.STAMP_NAME).stat().st_mtime_ns == stamp_time
     monkeypatch.setattr(synth, "GENERATOR_VERSION", synth.GENERATOR_VERSION + 1)
+    assert not synth.is_generated()
     synth.ensure_generated()                                          # a changed generator regenerates
     assert json.loads((root / synth.STAMP_NAME).read_text())["generator_version"] == synth.GENERATOR_VERSION
     foreign = tmp_path / "other" / "synth"

@@ -937,6 +937,15 @@ def default_home() -> Path:
     return Path(os.environ.get("LTBENCH_HOME") or Path.home() / ".cache" / "ltbench")
 
 
+def _home_root(home: str | os.PathLike | None) -> Path:
+    return Path(home if home is not None else default_home()).expanduser() / "synth"
+
+
+def is_generated(home: str | os.PathLike | None = None) -> bool:
+    """Whether `<home>/synth` holds the built-in dataset of this generator version (no generation needed)."""
+    return _read_stamp(_home_root(home)) == DEFAULT_SPEC.stamp()
+
+
 def ensure_generated(home: str | os.PathLike | None = None,
                      progress: Callable[[int, int], None] | None = None) -> Path:
     """The root of the built-in dataset, `<home>/synth`, generated first if missing or out of date.
@@ -944,8 +953,8 @@ def ensure_generated(home: str | os.PathLike | None = None,
     Parameters: home: LTBench's cache folder (default `default_home()`); progress: as in `generate`.
     Returns: the root. Raises DatasetError if `<home>/synth` holds something else.
     """
-    root = Path(home if home is not None else default_home()).expanduser() / "synth"
-    if _read_stamp(root) == DEFAULT_SPEC.stamp():
+    root = _home_root(home)
+    if is_generated(home):
         return root
     _remove_stale_temporaries(root)
     return _generate(root, DEFAULT_SPEC, None, progress)
