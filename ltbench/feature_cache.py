@@ -237,11 +237,21 @@ class FeatureCache:
         return removed
 
 
-def _to_float16(maps: list[Tensor], embedding: Tensor) -> Entry:
-    def half(t: Tensor) -> Tensor:
-        return t.detach().clamp(-FLOAT16_MAX, FLOAT16_MAX).to("cpu", torch.float16).contiguous()
+def _half(t: Tensor) -> Tensor:
+    return t.detach().clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16)
 
-    return [half(m) for m in maps], half(embedding)
+
+def _to_float16(maps: list[Tensor], embedding: Tensor) -> Entry:
+    return [_half(m).to("cpu").contiguous() for m in maps], _half(embedding).to("cpu").contiguous()
+
+
+def as_stored(features: Features) -> Features:
+    """Features rounded exactly as the cache stores them (clamped to float16, back to float32, same device).
+
+    Use it on freshly computed features (e.g. at prediction time) so that they match cached ones bit for bit.
+    """
+    maps = OrderedDict((name, _half(m).float()) for name, m in features.maps.items())
+    return Features(maps, _half(features.embedding).float())
 
 
 def _assemble(encoder: ImageEncoder, entries: list[Entry]) -> Features:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from ltbench import backbones
 from ltbench.commands.cache import COMMANDS
-from ltbench.feature_cache import FeatureCache, default_root
+from ltbench.feature_cache import FeatureCache, as_stored, default_root
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,7 @@ def test_miss_then_hit_gives_identical_float16_rounded_features(tmp_path, encode
     for name in direct.maps:
         assert first.maps[name].dtype == torch.float32
         assert torch.equal(first.maps[name], direct.maps[name].half().float())
+    assert_same(as_stored(direct), first)
     # layout: <root>/<backbone>-<digest16>/<key[:2]>/<key>.safetensors
     key = cache.key(encoder, batch[0])
     path = cache.path(encoder, key)
