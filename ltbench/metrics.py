@@ -555,8 +555,9 @@ class Evaluation:
         for group, label in zip(GROUPS, labels):
             cells = []
             for key, title in zip(_SUMMARY_COLUMNS, titles):
-                value = self.summary[group][key]
-                cells.append(("n/a" if math.isnan(value) else f"{100.0 * value:.2f}").rjust(len(title)))
+                value = self.summary[group][key]   # None where read back from metrics.json's null
+                missing = value is None or math.isnan(value)
+                cells.append(("n/a" if missing else f"{100.0 * value:.2f}").rjust(len(title)))
             lines.append("  ".join([label.ljust(label_width), *cells]))
         by_classes: dict[tuple[str, ...], list[str]] = {}
         for key in _SUMMARY_COLUMNS:

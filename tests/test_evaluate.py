@@ -189,6 +189,12 @@ def test_format_summary_and_json_of_hand_table() -> None:
     assert lines[4].startswith("* image AUROC, pixel AUROC") and lines[4].endswith("wood")
     assert "pixel AUPRO" not in lines[4]
     document = result.to_json("uniad", "toy/exp10")
+    read_back = json.loads(json.dumps(document))                           # NaN is null there
+    reprinted = Evaluation(per_class=read_back["per_class"], summary=read_back["summary"]).format_summary()
+    assert [line.split() for line in reprinted.splitlines()[1:4]] == [line.split() for line in lines[1:4]]
+    read_back["summary"]["low"]["image_ap"] = None                          # no Low class defined it
+    reprinted = Evaluation(per_class=read_back["per_class"], summary=read_back["summary"]).format_summary()
+    assert reprinted.splitlines()[3].split()[4] == "n/a"
     assert set(document) == {"model", "split", "per_class", "summary"}
     assert document["model"] == "uniad" and document["split"] == "toy/exp10"
     assert set(document["summary"]) == {"all", "high", "low"}
