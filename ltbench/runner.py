@@ -180,7 +180,7 @@ def _synth_generated() -> bool:
     """Whether the built-in synthetic dataset is already generated under $LTBENCH_HOME."""
     from ltbench.datasets import synth
 
-    return (Path(synth.default_home()).expanduser() / "synth" / synth.STAMP_NAME).is_file()
+    return synth.is_generated()
 
 
 def package_versions() -> dict[str, str]:

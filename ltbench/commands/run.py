@@ -52,15 +52,20 @@ def _info(line: str) -> None:
 @click.option("--seed", type=int, help="Seed of every random generator. [default: 0]")
 @click.option("--resume", type=click.Path(path_type=Path), metavar="RUN_DIR",
               help="Continue an interrupted run (its .partial folder, or the run directory it will become).")
+@click.option("--backbone", metavar="NAME",
+              help="Frozen backbone (align, align:/path, lite, tiny-align); shorthand for --set backbone=NAME.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Test images per predict call.")
 @click.option("--overlays", "overlays_per_class", type=click.IntRange(min=0), default=3, show_default=True,
               help="Anomaly-map overlays written per class.")
 def run_command(model: str, split: str | None, root: str | None, preset: str | None, config_file: Path | None,
                 set_values: tuple[str, ...], out: Path, device: str | None, seed: int | None, resume: Path | None,
-                batch_size: int, overlays_per_class: int) -> None:
+                backbone: str | None, batch_size: int, overlays_per_class: int) -> None:
     """Train a detector on a long-tailed split, evaluate it and write a run directory."""
     from ltbench.runner import RunOptions, run
+
+    if backbone is not None:  # applied first, so an explicit --set backbone=... still wins
+        set_values = (f"backbone={backbone}", *set_values)
 
     options = RunOptions(model=model, split=split, root=root, preset=preset, config_file=config_file,
                          set_values=set_values, out=out, device=device, seed=seed, resume=resume,

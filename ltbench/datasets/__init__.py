@@ -69,6 +69,22 @@ def paper_class_order(name: str) -> tuple[str, ...]:
         return tuple(json.load(handle)[name])
 
 
+def _ensure_synth() -> Path:
+    """The built-in synthetic dataset's root, generated on first use with a progress bar."""
+    synth = dataset_module("synth")
+    if synth.is_generated():
+        return synth.ensure_generated()
+    from tqdm.auto import tqdm
+
+    tqdm.monitor_interval = 0  # no monitor thread: synth forks worker processes only when single-threaded
+    with tqdm(desc="generating synth", unit="img") as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        return synth.ensure_generated(progress=progress)
+
+
 def resolve_root(dataset: str, root: str | os.PathLike | None) -> tuple[Path, str]:
     """Find a dataset's root: `--root`, else `$LTBENCH_DATA/<dataset>` (for `synth`, the generated copy).
 
@@ -80,7 +96,7 @@ def resolve_root(dataset: str, root: str | os.PathLike | None) -> tuple[Path, st
         path = Path(root).expanduser()
         source = f"{dataset} root {path} (from --root)"
     elif dataset == "synth":
-        path = dataset_module("synth").ensure_generated()
+        path = _ensure_synth()
         return Path(path), f"synth root {path} (the generated synthetic dataset under $LTBENCH_HOME)"
     elif os.environ.get("LTBENCH_DATA"):
         path = Path(os.environ["LTBENCH_DATA"]).expanduser() / dataset
