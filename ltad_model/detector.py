@@ -184,7 +184,10 @@ class LTAD(TorchDetector):
         # the paper's schedule (Sec. 6) on ALIGN
         "paper": {"backbone": "align", "epochs_phase1": 100, "epochs_phase2": 500},
         # a CPU run on the synthetic split within minutes (timings in ltad_model/README.md)
-        "quick": {"backbone": "lite", "epochs_phase1": 4, "epochs_phase2": 10, "lr": 5e-4},
+        # and a smaller Π without dropout: UniAD's full-size Π alone costs ~0.5 CPU-s per image per epoch
+        "quick": {"backbone": "lite", "epochs_phase1": 2, "epochs_phase2": 5, "lr": 5e-4, "rm_hidden": 64,
+                  "rm_heads": 4, "rm_encoder_layers": 2, "rm_decoder_layers": 2, "rm_feedforward": 256,
+                  "rm_dropout": 0.0},
     }
 
     def __init__(self, config: LTADConfig | None = None):
