@@ -1,11 +1,26 @@
-"""UniAD baseline: the reconstruction transformer, its neighbour mask and jitter, and the detector."""
+"""UniAD baseline: the reconstruction transformer, its neighbour mask and jitter, and the detector.
+
+Detector tests run on the `lite` backbone (real pretrained EfficientNet-Lite0 weights, loaded in
+under a second; the randomly initialised `tiny-align` gives near-zero deep features, useless for
+ranking anomalies) with a tiny reconstruction transformer, on striped 224×224 images whose
+anomalies are patches of noise.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
+from baselines.uniad import UniAD, UniADConfig
 from baselines.uniad.model import EncoderLayer, ReconstructionTransformer, feature_jitter, neighbor_mask
+from ltbench.detector import load_training_state, make_config
+from ltbench.errors import ConfigError, DetectorError
+from ltbench.testing import TensorTrainSet, check_detector
 
 # ----------------------------------------------------------------------------- model
 
@@ -110,3 +125,160 @@ def test_feature_jitter_scales_with_the_token_norm_and_is_seeded():
     assert abs(ratio.mean().item() - 1.0) < 0.05
     assert torch.equal(feature_jitter(tokens, prob=0.0), tokens)
     assert torch.equal(feature_jitter(tokens, scale=0.0), tokens)
+
+
+# ----------------------------------------------------------------------------- detector
+
+TINY = {"backbone": "lite", "hidden": 32, "heads": 4, "encoder_layers": 1, "decoder_layers": 1,
+        "feedforward": 64, "neighbor_size": 3, "batch_size": 4, "lr": 1e-3}
+
+
+def striped_images(count: int, seed: int, anomalous: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vertical stripes with a random phase; anomalies carry a 56×56 patch of noise.
+
+    Returns: images (count, 3, 224, 224) in [0, 1] and masks (count, 224, 224) bool.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.arange(224.0)
+    images, masks = [], []
+    for _ in range(count):
+        wave = (0.5 + 0.4 * torch.sin(x / 6.0 + 6.28 * torch.rand((), generator=generator))).expand(224, 224)
+        image = torch.stack([wave, 0.6 * wave, torch.full((224, 224), 0.3)])
+        image = image + 0.03 * torch.randn(3, 224, 224, generator=generator)
+        mask = torch.zeros(224, 224, dtype=torch.bool)
+        if anomalous:
+            row, col = torch.randint(16, 224 - 72, (2,), generator=generator).tolist()
+            image[:, row:row + 56, col:col + 56] = torch.rand(3, 56, 56, generator=generator)
+            mask[row:row + 56, col:col + 56] = True
+        images.append(image.clamp(0, 1))
+        masks.append(mask)
+    return torch.stack(images), torch.stack(masks)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ltbench_home(tmp_path_factory):
+    """Keep the feature cache inside the test's temporary folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LTBENCH_HOME", str(tmp_path_factory.mktemp("ltbench_home")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def train_images() -> torch.Tensor:
+    return striped_images(16, seed=0)[0]
+
+
+def make_train_set(images: torch.Tensor, checkpoint_dir: Path) -> TensorTrainSet:
+    class_idx = torch.arange(len(images)) % 2  # two classes: one unified model serves both
+    return TensorTrainSet(images, class_idx, ["stripes", "bands"], checkpoint_dir)
+
+
+@pytest.fixture(scope="module")
+def fitted(train_images, tmp_path_factory) -> UniAD:
+    config = UniADConfig(**TINY, epochs=10)
+    return UniAD(config).fit(make_train_set(train_images, tmp_path_factory.mktemp("checkpoints")))
+
+
+def test_short_training_lowers_the_loss_and_ranks_anomalies_above_normals(fitted):
+    losses = fitted.loss_history_
+    assert len(losses) == 10 and losses[-1] < 0.9 * losses[0]
+    normal, _ = striped_images(8, seed=1)
+    anomalous, masks = striped_images(8, seed=2, anomalous=True)
+    prediction = fitted.predict(torch.cat([normal, anomalous]), torch.zeros(16, dtype=torch.int64))
+    assert prediction.image_scores.shape == (16,) and prediction.anomaly_maps.shape == (16, 224, 224)
+    labels = [0] * 8 + [1] * 8
+    assert roc_auc_score(labels, prediction.image_scores.numpy()) >= 0.9
+    anomalous_maps = prediction.anomaly_maps[8:]
+    assert roc_auc_score(masks.flatten().numpy(), anomalous_maps.flatten().numpy()) >= 0.8
+
+
+def test_save_then_load_gives_identical_predictions(fitted, tmp_path):
+    images, _ = striped_images(3, seed=3, anomalous=True)
+    class_idx = torch.zeros(3, dtype=torch.int64)
+    before = fitted.predict(images, class_idx)
+    fitted.save(tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = UniAD.load(tmp_path / "model")
+    after = loaded.predict(images, class_idx)
+    assert torch.equal(before.anomaly_maps, after.anomaly_maps) and torch.equal(before.image_scores, after.image_scores)
+    assert loaded.meta_ == fitted.meta_ and loaded.meta_["feature_channels"] == 16 + 24 + 40 + 112
+
+
+def test_load_refuses_a_model_trained_on_other_backbone_weights(fitted, tmp_path):
+    fitted.save(tmp_path / "model")
+    config_path = tmp_path / "model" / "config.json"
+    payload = json.loads(config_path.read_text())
+    payload["meta"]["backbone_digest"] = "0" * 64
+    config_path.write_text(json.dumps(payload))
+    with pytest.raises(DetectorError, match="digest"):
+        UniAD.load(tmp_path / "model")
+
+
+def test_an_interrupted_fit_resumes_to_the_same_result(train_images, tmp_path, monkeypatch):
+    config = UniADConfig(**TINY, epochs=4)  # the learning rate drops after epoch 3: the scheduler state matters
+    rng_before = torch.get_rng_state()
+    straight = UniAD(config).fit(make_train_set(train_images, tmp_path / "straight"))
+    assert torch.equal(torch.get_rng_state(), rng_before)  # fit seeds its own generators only
+
+    class Interrupt(Exception):
+        pass
+
+    save = UniAD._save_training_state
+
+    def save_then_stop_after_two_epochs(self, checkpoint_dir, module, optimizer, scheduler, meta, losses):
+        save(self, checkpoint_dir, module, optimizer, scheduler, meta, losses)
+        if len(losses) == 2:
+            raise Interrupt
+
+    monkeypatch.setattr(UniAD, "_save_training_state", save_then_stop_after_two_epochs)
+    with pytest.raises(Interrupt):
+        UniAD(config).fit(make_train_set(train_images, tmp_path / "interrupted"))
+    assert len(load_training_state(tmp_path / "interrupted")["epoch_losses"]) == 2
+    monkeypatch.undo()
+    resumed = UniAD(config).fit(make_train_set(train_images, tmp_path / "interrupted"))
+    assert resumed.loss_history_ == straight.loss_history_
+    for name, tensor in straight.module_.state_dict().items():
+        assert torch.equal(resumed.module_.state_dict()[name], tensor), name
+
+    other = dataclasses.replace(config, lr=2e-3)
+    with pytest.raises(DetectorError, match="another model, config or split"):
+        UniAD(other).fit(make_train_set(train_images, tmp_path / "interrupted"))
+
+
+def test_uniad_passes_the_detector_conformance_check(train_images, tmp_path):
+    config = UniADConfig(**TINY, epochs=1)
+    detector = check_detector(UniAD, make_train_set(train_images[:6], tmp_path / "checkpoints"), config=config,
+                              work_dir=tmp_path)
+    assert detector.config == config
+
+
+def test_a_stride_the_backbone_lacks_is_a_config_error(train_images, tmp_path):
+    detector = UniAD(UniADConfig(**{**TINY, "epochs": 1}, feature_strides=(4, 32)))
+    with pytest.raises(ConfigError, match="no layer with stride 32"):
+        detector.fit(make_train_set(train_images[:2], tmp_path))
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"neighbor_size": 4}, "neighbor_size"),
+    ({"grid": 7, "neighbor_size": 7}, "neighbor_size"),
+    ({"hidden": 30, "heads": 4}, "divisible"),
+    ({"epochs": 0}, "epochs"),
+    ({"dropout": 1.0}, "dropout"),
+    ({"feature_strides": []}, "feature_strides"),
+])
+def test_invalid_config_values_are_config_errors(values, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config(UniADConfig, values)
+
+
+def test_presets_paper_is_the_official_recipe_and_quick_is_small():
+    paper = make_config(UniADConfig, UniAD.PRESETS["paper"])
+    official = {"backbone": "align", "feature_strides": (2, 4, 8, 16), "grid": 14, "hidden": 256, "heads": 8,
+                "encoder_layers": 4, "decoder_layers": 4, "feedforward": 1024, "dropout": 0.1,
+                "neighbor_size": 7, "jitter_scale": 20.0, "jitter_prob": 1.0, "epochs": 1000, "batch_size": 8,
+                "lr": 1e-4, "weight_decay": 1e-4, "lr_drop_at": 0.8, "lr_drop_factor": 0.1, "grad_clip": 0.1}
+    assert {k: getattr(paper, k) for k in official} == official
+    quick = make_config(UniADConfig, UniAD.PRESETS["quick"])
+    assert quick.backbone == "lite" and quick.epochs < 20
+    # a JSON round trip (lists for tuples) gives the same config
+    assert make_config(UniADConfig, json.loads(json.dumps(dataclasses.asdict(paper)))) == paper

@@ -11,6 +11,7 @@ Defaults are the official ones (zhiyuanyou/UniAD, experiments/MVTec-AD/config.ya
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from baselines.uniad.model import ReconstructionTransformer, feature_jitter
+from ltbench.backbones import Features, ImageEncoder, create, to_patch_tokens
 from ltbench.detector import (
     IMAGE_SIZE,
     Prediction,
@@ -31,6 +33,8 @@ from ltbench.detector import (
     save_training_state,
 )
 from ltbench.errors import ConfigError, DetectorError
+from ltbench.feature_cache import FeatureCache
+from ltbench.metrics import image_score_from_map
 
 ENCODE_BATCH = 32  # images per backbone call when caching the training features
 META_KEYS = ("backbone", "backbone_digest", "feature_layers", "feature_channels", "class_names", "train_images")
@@ -124,14 +128,12 @@ class UniAD(TorchDetector):
             feedforward=c.feedforward, dropout=c.dropout, neighbor_size=c.neighbor_size,
         )
 
-    def _image_encoder(self, device: torch.device):
-        from ltbench.backbones import create
-
+    def _image_encoder(self, device: torch.device) -> ImageEncoder:
         if self._encoder is None:
             self._encoder = create(self.config.backbone, device=device).image
         return self._encoder
 
-    def _feature_layers(self, encoder) -> list[str]:
+    def _feature_layers(self, encoder: ImageEncoder) -> list[str]:
         """The deepest layer of each requested stride (official: the last block of each stage)."""
         layers = []
         for stride in self.config.feature_strides:
@@ -145,38 +147,39 @@ class UniAD(TorchDetector):
             layers.append(matching[-1])
         return layers
 
-    def _tokens(self, features, layers: list[str]) -> Tensor:
+    def _tokens(self, features: Features, layers: list[str]) -> Tensor:
         """Backbone features → (B, N, C) tokens on the grid, in layer order."""
-        from collections import OrderedDict
-
-        from ltbench.backbones import to_patch_tokens
-
         maps = OrderedDict((name, features.maps[name]) for name in layers)
         grid_features = to_patch_tokens(maps, grid=self.config.grid)  # (B, C, g, g)
         return grid_features.flatten(2).transpose(1, 2).contiguous()  # (B, N, C), row-major
 
-    def _cached_training_tokens(self, train: TrainSet, encoder, layers: list[str]) -> Tensor:
-        """Encode every training image once through the feature cache; (N_images, N, C) float16 on CPU."""
-        from ltbench.feature_cache import FeatureCache
-
+    def _cached_training_tokens(self, train: TrainSet, encoder: ImageEncoder, layers: list[str]) -> Tensor:
+        """Encode every training image once through the feature cache; (M, N, C) float16 on the CPU."""
         cache = FeatureCache()
-        chunks = []
-        bar = tqdm(total=len(train), desc="uniad features", unit="img", leave=False)
-        for images, _ in train.batches(ENCODE_BATCH, shuffle=False):
-            features = cache.encode(encoder, images.to(train.device))
-            chunks.append(self._tokens(features, layers).to("cpu", torch.float16))
-            bar.update(len(images))
-        bar.close()
+        images = (images for images, _ in train.batches(ENCODE_BATCH, shuffle=False))
+        chunks = [self._tokens(features, layers).to("cpu", torch.float16)  # float16: as the cache stores them
+                  for features in cache.encode_batches(encoder, images, total=len(train))]
         if not chunks:
             raise DetectorError("the training set is empty; UniAD needs at least one normal image")
-        return torch.cat(chunks)  # (N_images, N, C)
+        return torch.cat(chunks)  # (M, N, C)
 
     # ------------------------------------------------------------------ training
 
     def fit(self, train: TrainSet) -> UniAD:
-        """Train the reconstruction transformer on the normal images of `train`; returns self."""
-        c = self.config
+        """Train the reconstruction transformer on the normal images of `train`; returns self.
+
+        Randomness comes from `config.seed` alone; the caller's torch generators are left as they were.
+        """
         device = torch.device(train.device)
+        devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            module, meta, self.loss_history_ = self._fit(train, device)
+        module.eval()
+        self.module_, self.meta_ = module, meta
+        return self
+
+    def _fit(self, train: TrainSet, device: torch.device) -> tuple[nn.Module, dict[str, Any], list[float]]:
+        c = self.config
         encoder = self._image_encoder(device)
         layers = self._feature_layers(encoder)
         tokens = self._cached_training_tokens(train, encoder, layers)  # (M, N, C) float16
@@ -185,15 +188,10 @@ class UniAD(TorchDetector):
             "feature_channels": int(tokens.shape[-1]), "class_names": list(train.class_names),
             "train_images": int(tokens.shape[0]),
         }
-        checkpoint_dir = Path(train.checkpoint_dir)
-        devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # seed locally, leave the caller's RNG as it was
-            torch.manual_seed(c.seed)
-            module = self.build_module(meta).to(device)
-            self.loss_history_ = self._train(module, tokens, device, checkpoint_dir, meta)
-        module.eval()
-        self.module_, self.meta_ = module, meta
-        return self
+        torch.manual_seed(c.seed)
+        module = self.build_module(meta).to(device)
+        losses = self._train(module, tokens, device, Path(train.checkpoint_dir), meta)
+        return module, meta, losses
 
     def _train(self, module: nn.Module, tokens: Tensor, device: torch.device, checkpoint_dir: Path,
                meta: dict[str, Any]) -> list[float]:
@@ -275,16 +273,22 @@ class UniAD(TorchDetector):
             raise DetectorError(f"class_idx must have shape ({len(images)},), got {tuple(class_idx.shape)}")
         device = next(self.module_.parameters()).device
         encoder = self._image_encoder(device)
-        self.module_.eval()
         features = self._tokens(encoder.encode_image(images.to(device)), self.meta_["feature_layers"])  # (B, N, C)
+        maps = self._anomaly_maps(features)  # (B, 224, 224)
+        scores = torch.from_numpy(image_score_from_map(maps)).float()  # (B,)
+        return Prediction(image_scores=scores, anomaly_maps=maps)
+
+    @torch.no_grad()
+    def _anomaly_maps(self, features: Tensor) -> Tensor:
+        """(B, N, C) feature tokens → (B, 224, 224) float32 CPU maps: ‖reconstruction − features‖₂ per token, upsampled."""
+        self.module_.eval()
         reconstruction = self.module_(features)  # (B, N, C)
         grid = self.config.grid
         distance = (reconstruction - features).pow(2).sum(-1).sqrt()  # (B, N)
-        small = distance.view(-1, 1, grid, grid)  # (B, 1, g, g)
+        small = distance.view(-1, 1, grid, grid)  # (B, 1, g, g), row-major tokens
         # align_corners=True as the official nn.UpsamplingBilinear2d
-        maps = F.interpolate(small, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=True)[:, 0]
-        maps = maps.float().cpu()  # (B, 224, 224)
-        return Prediction(image_scores=image_score_from_map(maps), anomaly_maps=maps)
+        maps = F.interpolate(small, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=True)
+        return maps[:, 0].float().cpu()  # (B, 224, 224)
 
     # ------------------------------------------------------------------ persistence
 
@@ -300,11 +304,4 @@ class UniAD(TorchDetector):
                 f"{encoder.digest}; load the same backbone weights or retrain"
             )
         return detector
-
-
-def image_score_from_map(maps: Tensor) -> Tensor:
-    """Image score per the evaluation protocol: max of the 16×16 average-pooled map (stride 1); (B,)."""
-    from ltbench.metrics import image_score_from_map as protocol_score
-
-    return protocol_score(maps)
 
