@@ -47,8 +47,8 @@ from ltbench.detector import (
     save_training_state,
 )
 from ltbench.errors import ConfigError, DetectorError
+from ltbench.feature_cache import FeatureCache, as_stored
 
-FLOAT16_MAX = 65504.0  # the feature cache clamps to the float16 range before rounding
 ENCODE_BATCH = 32  # images per backbone call when caching the training features
 LAMBDA_SAMPLE_IMAGES = 256  # training images the λ rule looks at (the first ones, in split order)
 # λ of Eq. 5 in the paper (Sec. 6, "Training details"), keyed by the paper dataset whose classes they are
@@ -224,22 +224,8 @@ class LTAD(TorchDetector):
         grid_features = to_patch_tokens(named, grid=self.config.grid)  # (B, ΣC_l, g, g)
         return grid_features.flatten(2).transpose(1, 2).contiguous()  # (B, N, ΣC_l)
 
-    @staticmethod
-    def _as_stored(features) -> tuple[list[Tensor], Tensor]:
-        """Features rounded to float16 and back, as the feature cache stores them.
-
-        Training reads cached features; rounding fresh ones the same way means a cache hit, a cache
-        miss and prediction all see identical numbers.
-        """
-        def stored(t: Tensor) -> Tensor:
-            return t.clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16).float()
-
-        return [stored(m) for m in features.maps.values()], stored(features.embedding)
-
     def _training_features(self, train: TrainSet, encoder) -> TrainingFeatures:
         """Encode every training image once through the feature cache."""
-        from ltbench.feature_cache import FeatureCache
-
         cache = FeatureCache()
         maps: list[list[Tensor]] = []
         embeddings, labels = [], []
@@ -539,8 +525,9 @@ class LTAD(TorchDetector):
         device = next(self.module_.parameters()).device
         encoder = self._backbone_on(device).image
         self.module_.eval()
-        maps, _ = self._as_stored(encoder.encode_image(images.to(device)))
-        tokens = self._tokens(maps)  # (B, N, ΣC_l)
+        # rounded as the cache stores features, so test features are computed exactly like training ones
+        features = as_stored(encoder.encode_image(images.to(device)))
+        tokens = self._tokens(list(features.maps.values()))  # (B, N, ΣC_l)
         permutation = derangement(num_classes) if self.config.shuffle_names_at_test else None
         lambda_sem = self.meta_["lambda_sem"] or 0.0
         scores = self.module_.patch_scores(tokens, class_idx.to(device), self.config, lambda_sem, permutation)  # (B, N)
@@ -558,7 +545,8 @@ class LTAD(TorchDetector):
             raise DetectorError("this LTAD was trained without the SAD module (use_sad=False); it has no S_sem")
         device = next(self.module_.parameters()).device
         with torch.no_grad():
-            maps, _ = self._as_stored(self._backbone_on(device).image.encode_image(images.to(device)))
+            features = as_stored(self._backbone_on(device).image.encode_image(images.to(device)))
+            maps = list(features.maps.values())
             permutation = derangement(len(self.meta_["class_names"])) if self.config.shuffle_names_at_test else None
             logits = self.module_.semantic_logits(self._tokens(maps), class_idx.to(device), self.config, permutation)
         return torch.sigmoid(logits).cpu()

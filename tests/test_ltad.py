@@ -300,6 +300,16 @@ def test_semantic_scores_lie_in_unit_interval_and_depend_on_the_class(fitted, im
     assert not torch.equal(scores, other_class)
 
 
+def test_temperature_and_patch_normalisation_act_on_the_logit(fitted):
+    tokens = torch.randn(2, 196, sum(fitted.meta_["feature_channels"])) * 100
+    class_idx = torch.tensor([0, 2])
+    logits = fitted.module_.semantic_logits(tokens, class_idx, fitted.config)
+    halved = fitted.module_.semantic_logits(tokens, class_idx, dataclasses.replace(fitted.config, temperature=2.0))
+    assert torch.allclose(halved, logits / 2)
+    unit = fitted.module_.semantic_logits(tokens, class_idx, dataclasses.replace(fitted.config, normalize_patches=True))
+    assert float(unit.abs().max()) <= 2.0 + 1e-5 < float(logits.abs().max())  # |(t_a − t_n)·p̂| ≤ 2 for unit vectors
+
+
 def test_score_is_s_rec_plus_lambda_s_sem(fitted, images):
     """Eq. 5, checked through predict: the map with λ minus the map with λ = 0 is λ·S_sem upsampled."""
     assert fitted.meta_["lambda_rule"] == "training range" and fitted.meta_["lambda_sem"] > 0
