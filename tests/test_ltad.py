@@ -307,7 +307,9 @@ def test_temperature_and_patch_normalisation_act_on_the_logit(fitted):
     halved = fitted.module_.semantic_logits(tokens, class_idx, dataclasses.replace(fitted.config, temperature=2.0))
     assert torch.allclose(halved, logits / 2)
     unit = fitted.module_.semantic_logits(tokens, class_idx, dataclasses.replace(fitted.config, normalize_patches=True))
-    assert float(unit.abs().max()) <= 2.0 + 1e-5 < float(logits.abs().max())  # |(t_a − t_n)·p̂| ≤ 2 for unit vectors
+    bound = float((fitted.module_.text_anomaly - fitted.module_.text_normal).norm(dim=-1).max())
+    assert float(unit.abs().max()) <= bound + 1e-6  # |(t_a − t_n)·p̂| ≤ ‖t_a − t_n‖ for a unit p̂
+    assert not torch.allclose(unit, logits)
 
 
 def test_score_is_s_rec_plus_lambda_s_sem(fitted, images):
