@@ -300,6 +300,7 @@ def test_semantic_scores_lie_in_unit_interval_and_depend_on_the_class(fitted, im
     assert not torch.equal(scores, other_class)
 
 
+@torch.no_grad()
 def test_temperature_and_patch_normalisation_act_on_the_logit(fitted):
     tokens = torch.randn(2, 196, sum(fitted.meta_["feature_channels"])) * 100
     class_idx = torch.tensor([0, 2])
