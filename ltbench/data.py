@@ -17,6 +17,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ltbench import distributed
 from ltbench.datasets.base import Catalog, Record
 from ltbench.detector import IMAGE_SIZE
 from ltbench.errors import DatasetError
@@ -97,7 +98,9 @@ class RecordTrainSet:
 
     Images are decoded once and kept in memory as uint8 (150 KB each); `batches` yields them as
     float32 on the CPU (the detector moves them to `device`). With `progress`, each pass over the
-    data shows a bar with its rate.
+    data shows a bar with its rate. Under `torchrun` / `accelerate launch` each rank sees only its
+    shard of every pass (as `DistributedSampler` does: padded so that all ranks get equally many),
+    and `len()` is the size of that shard.
     """
 
     def __init__(self, catalog: Catalog, manifest, device: torch.device | str, checkpoint_dir: Path,
@@ -114,7 +117,7 @@ class RecordTrainSet:
         self._passes = 0
 
     def __len__(self) -> int:
-        return len(self._paths)
+        return len(distributed.shard(range(len(self._paths))))
 
     def _image(self, i: int) -> Tensor:
         if self._cache is not None and i in self._cache:
@@ -127,9 +130,9 @@ class RecordTrainSet:
     def order(self, shuffle: bool = True, seed: int = 0) -> Tensor:
         """The image order of one pass: a permutation drawn from (run seed, `seed`), or 0..N-1."""
         if not shuffle:
-            return torch.arange(len(self))
+            return torch.arange(len(self._paths))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + seed)
-        return torch.randperm(len(self), generator=generator)
+        return torch.randperm(len(self._paths), generator=generator)
 
     def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield images (B, 3, 224, 224) float32 in [0, 1] and class_idx (B,) int64, on the CPU.
@@ -140,7 +143,7 @@ class RecordTrainSet:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1; got {batch_size}")
         self._passes += 1
-        order = self.order(shuffle, seed).tolist()
+        order = distributed.shard(self.order(shuffle, seed).tolist())  # every image on one process
         with tqdm(total=len(order), desc=f"fit pass {self._passes}", unit="img", leave=False,
                   disable=not self.progress) as bar:
             for start in range(0, len(order), batch_size):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ltbench import io
+from ltbench import distributed, io
 from ltbench.data import RecordTrainSet, evaluation_batches, load_image, read_image_uint8
 from ltbench.detector import (
     IMAGE_SIZE,
@@ -424,22 +424,32 @@ def run(options: RunOptions, report: Reporter | None = None) -> RunResult:
     Returns: the finished `RunResult`. Raises `LTBenchError` subclasses for bad input; an
     interrupted or failed run keeps its `.partial` folder and reports the `--resume` command.
     """
-    log = RunLog(report)
+    main = distributed.info().is_main  # under torchrun / accelerate launch only rank 0 reports and writes
+    log = RunLog(report if main else None)
     plan = _plan(options, log)
+    current, plan.device = distributed.setup(plan.device)
+    if current.enabled:
+        log(f"Distributed: {current.world_size} processes ({plan.device.type}); rank 0 writes the run directory")
     if plan.partial is None:
-        parent = Path(options.out) / plan.spec.directory_name / plan.manifest.name.replace("/", "-")
-        plan.partial, plan.final = new_partial_dir(parent)
-        io.write_json(plan.partial / CONFIG_FILE, plan.record)
-        log.attach(plan.partial / LOG_FILE)
+        if main:
+            parent = Path(options.out) / plan.spec.directory_name / plan.manifest.name.replace("/", "-")
+            plan.partial, plan.final = new_partial_dir(parent)
+            io.write_json(plan.partial / CONFIG_FILE, plan.record)
+        plan.partial, plan.final = distributed.broadcast((plan.partial, plan.final))
+        if main:
+            log.attach(plan.partial / LOG_FILE)
         log(f"Run directory: {plan.final} (written in {plan.partial.name} until it is complete)")
     else:
-        log.attach(plan.partial / LOG_FILE)
+        if main:
+            log.attach(plan.partial / LOG_FILE)
         log(f"Resuming {plan.partial} (the run directory will be {plan.final})")
     log(f"Command: {options.command}", echo=False)
 
     try:
         evaluation = _train_predict_evaluate(plan, options, log)
     except BaseException as exc:
+        if not main:
+            raise
         command = resume_command(options, plan.record, plan.partial)
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         log(f"Run stopped ({reason}). Its state is kept in {plan.partial}; "
@@ -449,14 +459,16 @@ def run(options: RunOptions, report: Reporter | None = None) -> RunResult:
                             f"resume with: {command}]") from None
         raise
 
-    checkpoints = plan.partial / CHECKPOINT_DIR
-    if checkpoints.is_dir():  # training state is only needed to resume; the run directory holds the model
-        shutil.rmtree(checkpoints)
-    if plan.final.exists():
-        raise RunError(f"{plan.final} appeared while this run was working; the result stays in {plan.partial}")
-    os.rename(plan.partial, plan.final)
-    if report is not None:
-        report(f"Run directory: {plan.final}")
+    if main:
+        checkpoints = plan.partial / CHECKPOINT_DIR
+        if checkpoints.is_dir():  # training state is only needed to resume; the run directory holds the model
+            shutil.rmtree(checkpoints)
+        if plan.final.exists():
+            raise RunError(f"{plan.final} appeared while this run was working; the result stays in {plan.partial}")
+        os.rename(plan.partial, plan.final)
+        if report is not None:
+            report(f"Run directory: {plan.final}")
+    distributed.barrier()
     return RunResult(run_dir=plan.final, evaluation=evaluation, record=plan.record)
 
 
@@ -479,12 +491,14 @@ def _train_predict_evaluate(plan: _Plan, options: RunOptions, log: RunLog) -> An
         fitted = detector.fit(train_set)
         if fitted is not detector:
             raise RunError(f"{spec.name}.fit() must return self (the detector contract)")
-        staging = plan.partial / f".{MODEL_DIR}.tmp"
-        if staging.exists():
-            shutil.rmtree(staging)
-        detector.save(staging)
-        os.rename(staging, model_dir)  # model/ exists only once it is complete
-        log(f"Model saved to {model_dir}")
+        if distributed.info().is_main:
+            staging = plan.partial / f".{MODEL_DIR}.tmp"
+            if staging.exists():
+                shutil.rmtree(staging)
+            detector.save(staging)
+            os.rename(staging, model_dir)  # model/ exists only once it is complete
+            log(f"Model saved to {model_dir}")
+        distributed.barrier()
 
     index = {name: i for i, name in enumerate(manifest.class_order)}
     records = sorted((r for r in catalog.test_records() if r.class_name in index),
@@ -492,20 +506,37 @@ def _train_predict_evaluate(plan: _Plan, options: RunOptions, log: RunLog) -> An
     if not records:
         raise RunError(f"split {manifest.name} has no test images under {catalog.root}")
     count = len(records)
-    anomaly_maps = np.empty((count, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)  # (N, 224, 224)
-    masks = np.empty((count, IMAGE_SIZE, IMAGE_SIZE), dtype=bool)               # (N, 224, 224)
+    mine = distributed.shard(range(count))  # this process's test images; all of them in one process
+    local_maps = np.empty((len(mine), IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)  # (n, 224, 224)
+    local_masks = np.empty((len(mine), IMAGE_SIZE, IMAGE_SIZE), dtype=bool)       # (n, 224, 224)
     image_scores: list[np.ndarray | None] = []
     position = 0
-    with tqdm(total=count, desc="predict", unit="img", disable=not options.progress) as bar, torch.no_grad():
-        for batch in evaluation_batches(catalog, records, manifest.class_order, options.batch_size):
+    show = options.progress and distributed.info().is_main
+    with tqdm(total=len(mine), desc="predict", unit="img", disable=not show) as bar, torch.no_grad():
+        for batch in evaluation_batches(catalog, [records[i] for i in mine], manifest.class_order,
+                                        options.batch_size):
             size = len(batch.records)
             prediction = detector.predict(batch.images.to(plan.device), batch.class_idx.to(plan.device))
             scores, maps = check_prediction(prediction, size, spec.name)
-            anomaly_maps[position:position + size] = maps.float().numpy()
-            masks[position:position + size] = batch.masks.numpy()
-            image_scores.append(None if scores is None else scores.double().numpy())
+            local_maps[position:position + size] = maps.float().cpu().numpy()
+            local_masks[position:position + size] = batch.masks.numpy()
+            image_scores.append(None if scores is None else scores.double().cpu().numpy())
             position += size
             bar.update(size)
+    if distributed.info().enabled:
+        shards = distributed.gather_to_main((mine, local_maps, local_masks, image_scores))
+        if not distributed.info().is_main:
+            return None  # rank 0 evaluates and writes
+        anomaly_maps = np.empty((count, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)  # (N, 224, 224)
+        masks = np.empty((count, IMAGE_SIZE, IMAGE_SIZE), dtype=bool)               # (N, 224, 224)
+        gathered: list[list[np.ndarray | None]] = []
+        for indices, shard_maps, shard_masks, shard_scores in shards:
+            anomaly_maps[indices] = shard_maps  # padding repeats a few images with identical values
+            masks[indices] = shard_masks
+            gathered.append(shard_scores)
+        image_scores = _merge_scores(count, [s[0] for s in shards], gathered)
+    else:
+        anomaly_maps, masks = local_maps, local_masks
     if all(s is None for s in image_scores):
         final_scores = None
         written_scores = np.asarray(metrics.image_score_from_map(anomaly_maps), dtype=np.float64)
@@ -521,6 +552,18 @@ def _train_predict_evaluate(plan: _Plan, options: RunOptions, log: RunLog) -> An
     _write_results(plan, evaluation, records, written_scores, anomaly_maps, masks, options, log)
     log("Results:\n" + evaluation.format_summary(), echo=False)
     return evaluation
+
+
+def _merge_scores(count: int, indices: list[list[int]], scores: list[list[np.ndarray | None]]
+                  ) -> list[np.ndarray | None]:
+    """Reassemble per-rank image scores into one array in test-record order ([None] if none were given)."""
+    flat = [part for parts in scores for part in parts]
+    if any(part is None for part in flat):
+        return flat  # all None, or mixed (which the caller reports)
+    merged = np.empty(count, dtype=np.float64)
+    for rank_indices, parts in zip(indices, scores):
+        merged[rank_indices] = np.concatenate(parts)
+    return [merged]
 
 
 def _write_results(plan: _Plan, evaluation: Any, records: list, scores: np.ndarray, anomaly_maps: np.ndarray,
