@@ -183,8 +183,8 @@ class LTAD(TorchDetector):
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # the paper's schedule (Sec. 6) on ALIGN
         "paper": {"backbone": "align", "epochs_phase1": 100, "epochs_phase2": 500},
-        # a CPU run on the synthetic split within minutes (timings in ltad_model/README.md)
-        # and a smaller Π without dropout: UniAD's full-size Π alone costs ~0.5 CPU-s per image per epoch
+        # a CPU run on synth/* in about 5 minutes (timings in ltad_model/README.md): few epochs and a
+        # smaller Π without dropout, since UniAD's full-size Π alone costs ~0.6 CPU-s per image per epoch
         "quick": {"backbone": "lite", "epochs_phase1": 2, "epochs_phase2": 5, "lr": 5e-4, "rm_hidden": 64,
                   "rm_heads": 4, "rm_encoder_layers": 2, "rm_decoder_layers": 2, "rm_feedforward": 256,
                   "rm_dropout": 0.0},
@@ -212,7 +212,7 @@ class LTAD(TorchDetector):
     def _backbone_on(self, device: torch.device):
         from ltbench.backbones import create
 
-        if self._backbone is None:
+        if self._backbone is None or not _same_device(self._backbone.image.device, torch.device(device)):
             self._backbone = create(self.config.backbone, device=device)
         return self._backbone
 
@@ -607,6 +607,14 @@ def initial_names(text, class_names: list[str], mode: str, length: int, seed: in
         generator = torch.Generator().manual_seed(seed)
         return torch.randn(count, length, filler.shape[-1], generator=generator) * filler.std()
     raise ConfigError(f"name_init must be object, classname or random; got {mode!r}")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are the same ("cuda" and "cuda:0" are, when device 0 is the current one)."""
+    def index(d: torch.device) -> int:
+        return d.index if d.index is not None else (torch.cuda.current_device() if d.type == "cuda" else 0)
+
+    return a.type == b.type and index(a) == index(b)
 
 
 def _spread(values: Tensor) -> float:
