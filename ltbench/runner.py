@@ -19,7 +19,7 @@ import re
 import shlex
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
@@ -374,8 +374,16 @@ def _plan(options: RunOptions, log: RunLog) -> _Plan:
     log(f"Model: {spec.name}" + (f" ({spec.target})" if spec.target != spec.name else ""))
     log(f"Split: {manifest.name} ({split_why}); data: {where}")
     preset, preset_values, preset_why = choose_preset(spec.cls, manifest.name, options.preset)
+    has_seed_field = "seed" in {f.name for f in fields(spec.cls.Config)}
+    if options.seed is not None and has_seed_field:  # --seed also seeds the detector (before --config/--set)
+        preset_values = {**preset_values, "seed": options.seed}
     requested = build_config(spec.cls, preset_values, options.config_file, options.set_values)
-    seed = options.seed if options.seed is not None else (stored["seed"] if stored else 0)
+    if options.seed is not None:
+        seed = options.seed
+    elif stored:
+        seed = stored["seed"]
+    else:  # the detector's own seed (e.g. UniAD's official 133) also seeds the run
+        seed = requested.seed if has_seed_field else 0
     if stored is not None:
         stored_config = make_config(spec.cls.Config, stored["config"])
         explicit = options.preset is not None or options.config_file is not None or options.set_values

@@ -115,3 +115,14 @@ class NoSaveDetector:
     @classmethod
     def load(cls, directory):
         return cls(MeanConfig())
+
+
+@dataclass(frozen=True)
+class SeededMeanConfig(MeanConfig):
+    seed: int = 7         # the detector's own seed; `ltbench run --seed N` must reach it
+
+
+class SeededMeanDetector(MeanDetector):
+    """MeanDetector whose config carries a seed, as UniAD's and LTAD's do."""
+
+    Config = SeededMeanConfig

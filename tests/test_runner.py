@@ -460,3 +460,18 @@ def test_resume_of_a_finished_run_and_cuda_without_a_gpu(tiny, finished, tmp_pat
                     "--device", "cuda")
     assert "--device cuda: no CUDA device is available" in one_error_line(result)
     assert not any(tmp_path.iterdir())
+
+
+def test_seed_reaches_the_detector_config_and_defaults_to_it(tiny, monkeypatch):
+    from ltbench.runner import RunLog, _plan
+
+    monkeypatch.syspath_prepend(str(TESTS.parent))
+    root, manifest = tiny
+    model = "tests.mean_detector:SeededMeanDetector"
+    given = _plan(RunOptions(model=model, split=str(manifest), root=str(root), seed=5), RunLog(None))
+    assert (given.config.seed, given.record["seed"], given.record["config"]["seed"]) == (5, 5, 5)
+    default = _plan(RunOptions(model=model, split=str(manifest), root=str(root)), RunLog(None))
+    assert (default.config.seed, default.record["seed"]) == (7, 7)
+    overridden = _plan(RunOptions(model=model, split=str(manifest), root=str(root), seed=5,
+                                  set_values=("seed=9",)), RunLog(None))
+    assert (overridden.config.seed, overridden.record["seed"]) == (9, 5)
