@@ -36,6 +36,7 @@ from ltad_model.model import (
     nearest_tokens,
     reconstruction_score,
 )
+from ltbench import distributed
 from ltbench.detector import (
     IMAGE_SIZE,
     Prediction,
@@ -229,7 +230,7 @@ class LTAD(TorchDetector):
         cache = FeatureCache()
         maps: list[list[Tensor]] = []
         embeddings, labels = [], []
-        bar = tqdm(total=len(train), desc="ltad features", unit="img", leave=False)
+        bar = tqdm(total=len(train), desc="ltad features", unit="img", leave=False, disable=not distributed.info().is_main)
         for images, class_idx in train.batches(ENCODE_BATCH, shuffle=False):
             features = cache.encode(encoder, images.to(train.device))
             maps.append([m.to("cpu", torch.float16) for m in features.maps.values()])
@@ -263,7 +264,8 @@ class LTAD(TorchDetector):
             "map_sizes": [[int(m.shape[2]), int(m.shape[3])] for m in data.maps],
             "embed_dim": int(data.embeddings.shape[1]), "text_dim": int(text.dim), "token_dim": int(text.token_dim),
             "class_names": class_names,
-            "class_counts": torch.bincount(data.class_idx, minlength=len(class_names)).tolist(),
+            # over all ranks when training is distributed (each rank holds a shard of the training set)
+            "class_counts": distributed.all_reduce_sum(torch.bincount(data.class_idx, minlength=len(class_names))).tolist(),
             "name_length": int(names.shape[1]), "grid": c.grid, "lambda_sem": None, "lambda_rule": None,
         }
         checkpoint_dir = Path(train.checkpoint_dir)
@@ -280,7 +282,9 @@ class LTAD(TorchDetector):
             self._phase1(network, data, text, device, checkpoint_dir, meta, state)
             self._phase2(network, data, text, device, checkpoint_dir, meta, state)
             network.eval()
-            meta["lambda_sem"], meta["lambda_rule"] = self._lambda(network, data, device, class_names)
+            # rank 0's λ everywhere, so that every rank predicts with the saved model's λ
+            meta["lambda_sem"], meta["lambda_rule"] = distributed.broadcast(
+                self._lambda(network, data, device, class_names))
         self.module_, self.meta_ = network, meta
         return self
 
@@ -326,11 +330,12 @@ class LTAD(TorchDetector):
             self.loss_history_ = {k: list(v) for k, v in state["losses"].items()}
         fixed_text = None if c.learn_names else self._class_text(text, network.names).detach()  # (C, d)
         clip_parts = [vae + ([network.names] if c.learn_names else [])]
-        bar = tqdm(range(start, c.epochs_phase1), initial=start, total=c.epochs_phase1, desc="ltad phase 1", unit="epoch")
+        bar = tqdm(range(start, c.epochs_phase1), initial=start, total=c.epochs_phase1, desc="ltad phase 1", unit="epoch",
+                   disable=not distributed.info().is_main)
         for epoch in bar:
             seed = self._epoch_seed(1, epoch)
             torch.manual_seed(seed)
-            generator = torch.Generator().manual_seed(seed)  # batch order and ẑ noise
+            generator = torch.Generator().manual_seed(_rank_seed(seed))  # batch order and ẑ noise
             network.train()
             total = 0.0
             for chosen in self._batches(len(data.class_idx), generator):
@@ -348,6 +353,7 @@ class LTAD(TorchDetector):
                     loss = loss + c.kl_weight * kl_to_standard_normal(mean, log_variance)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.average_gradients(clip_parts[0])  # no-op in one process
                 self._clip(clip_parts)
                 optimizer.step()
                 total += loss.item() * len(chosen)
@@ -416,11 +422,13 @@ class LTAD(TorchDetector):
             start = state["epoch"]
             self.loss_history_ = {k: list(v) for k, v in state["losses"].items()}
         synthetic_probability = self._sampling_probabilities(meta["class_counts"])  # (C,)
-        bar = tqdm(range(start, c.epochs_phase2), initial=start, total=c.epochs_phase2, desc="ltad phase 2", unit="epoch")
+        bar = tqdm(range(start, c.epochs_phase2), initial=start, total=c.epochs_phase2, desc="ltad phase 2", unit="epoch",
+                   disable=not distributed.info().is_main)
         for epoch in bar:
             seed = self._epoch_seed(2, epoch)
             torch.manual_seed(seed)  # dropout in Π
-            generator = torch.Generator().manual_seed(seed)  # batch order, real/synthetic choice, ẑ and jitter noise
+            # batch order, real/synthetic choice, ẑ and jitter noise
+            generator = torch.Generator().manual_seed(_rank_seed(seed))
             network.train()
             network.latent.eval()
             network.decoder.eval()
@@ -446,6 +454,7 @@ class LTAD(TorchDetector):
                     loss = loss + F.binary_cross_entropy_with_logits(logits, labels.expand_as(logits))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.average_gradients(p for params in parts for p in params)  # no-op in one process
                 self._clip(parts)
                 optimizer.step()
                 total += loss.item() * len(chosen)
@@ -607,6 +616,11 @@ def initial_names(text, class_names: list[str], mode: str, length: int, seed: in
         generator = torch.Generator().manual_seed(seed)
         return torch.randn(count, length, filler.shape[-1], generator=generator) * filler.std()
     raise ConfigError(f"name_init must be object, classname or random; got {mode!r}")
+
+
+def _rank_seed(seed: int) -> int:
+    """`seed` in one process; under torchrun each rank draws its own noise for its own shard."""
+    return (seed + 7_919 * distributed.info().rank) % (2**63)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -348,8 +348,10 @@ def save_training_state(checkpoint_dir: Path, state: dict[str, Any]) -> None:
     draws the same random numbers as an uninterrupted one. Values must be tensors, numbers,
     strings, or lists/dicts of them (loaded back with `torch.load(weights_only=True)`).
     """
-    from ltbench import io
+    from ltbench import distributed, io
 
+    if not distributed.info().is_main:  # one writer: every rank holds the same synchronised state
+        return
     payload = {"state": state, "torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():
         payload["cuda_rng"] = torch.cuda.get_rng_state_all()

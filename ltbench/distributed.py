@@ -3,15 +3,16 @@
 Both launchers set `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR` and `MASTER_PORT`; when
 `WORLD_SIZE` is absent or 1 everything here is a no-op, so the same code runs in one process.
 Data is sharded like `torch.utils.data.DistributedSampler` (padded by wrapping around so every
-rank sees the same number of batches), gradients are synchronised by DDP, predictions are
-gathered to rank 0, and only rank 0 writes files.
+rank sees the same number of batches), gradients are averaged over ranks after every backward
+(DDP's synchronisation), predictions are gathered to rank 0, and only rank 0 writes files.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,9 +40,9 @@ class DistInfo:
 def info() -> DistInfo:
     """The current process's rank and world size (from the process group, else the environment)."""
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                    int(os.environ.get("LOCAL_RANK", 0)))
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                    int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def setup(device: str | torch.device) -> tuple[DistInfo, torch.device]:
@@ -94,20 +95,33 @@ def shard(indices: Sequence[int], rank: int | None = None, world_size: int | Non
     return padded[rank:total:world_size]
 
 
-def wrap(module: torch.nn.Module) -> torch.nn.Module:
-    """Wrap a module in DDP when running distributed (gradients are averaged across ranks)."""
+def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Average the gradients of `parameters` over all ranks, as DDP does after each backward (no-op in one process).
+
+    Detectors call it between `loss.backward()` and the optimizer step. Unlike wrapping a module
+    in `DistributedDataParallel`, it also covers losses built from several sub-modules' methods
+    (LTAD's phases), which DDP's forward hooks would not see. A parameter without a gradient
+    counts as zero, so every rank reduces the same tensors in the same order.
+    """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return module
-    device_ids = None
-    first = next(module.parameters(), None)
-    if first is not None and first.device.type == "cuda":
-        device_ids = [first.device.index]
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+        return
+    world_size = dist.get_world_size()
+    for parameter in parameters:
+        if not parameter.requires_grad:
+            continue
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
+        parameter.grad.div_(world_size)
 
 
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The plain module inside a DDP wrapper (or the module itself)."""
-    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `tensor` over all ranks (the tensor itself in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
 
 
 def gather(obj: Any) -> list[Any]:

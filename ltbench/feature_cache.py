@@ -29,6 +29,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ltbench import distributed
 from ltbench.backbones import Features, ImageEncoder
 from ltbench.errors import BackboneError
 from ltbench.io import write_bytes, write_json
@@ -165,6 +166,7 @@ class FeatureCache:
         if missing:
             self._describe(encoder)
             show = (self.progress if progress is None else progress) and len(missing) > self.batch_size
+            show = show and distributed.info().is_main  # one bar per job, not per rank
             with tqdm(total=len(missing), desc=f"features {encoder.name}", unit="img", disable=not show,
                       leave=False) as bar:
                 for start in range(0, len(missing), self.batch_size):
@@ -185,7 +187,8 @@ class FeatureCache:
         train.batches(32, shuffle=False))`); total: number of images, for the bar's ETA.
         Yields: `Features` per batch, as `encode` returns them.
         """
-        with tqdm(total=total, desc=f"features {encoder.name}", unit="img", disable=not self.progress) as bar:
+        show = self.progress and distributed.info().is_main  # one bar per job, not per rank
+        with tqdm(total=total, desc=f"features {encoder.name}", unit="img", disable=not show) as bar:
             for images in batches:
                 yield self.encode(encoder, images, progress=False)
                 bar.update(len(images))

@@ -476,7 +476,9 @@ def run(options: RunOptions, report: Reporter | None = None) -> RunResult:
         os.rename(plan.partial, plan.final)
         if report is not None:
             report(f"Run directory: {plan.final}")
-    distributed.barrier()
+    if current.enabled:
+        distributed.barrier()
+        distributed.cleanup()
     return RunResult(run_dir=plan.final, evaluation=evaluation, record=plan.record)
 
 
@@ -492,7 +494,7 @@ def _train_predict_evaluate(plan: _Plan, options: RunOptions, log: RunLog) -> An
         detector = spec.cls.load(model_dir)
     else:
         train_set = RecordTrainSet(catalog, manifest, plan.device, plan.partial / CHECKPOINT_DIR,
-                                   seed=plan.record["seed"], progress=options.progress)
+                                   seed=plan.record["seed"], progress=options.progress and distributed.info().is_main)
         train_set.checkpoint_dir.mkdir(exist_ok=True)
         log(f"Training on {len(train_set)} images of {len(train_set.class_names)} classes")
         detector = spec.cls(plan.config)

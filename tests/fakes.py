@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from ltbench.datasets import mvtec, visa
@@ -163,4 +164,38 @@ def make_synth_names_tree(root: Path) -> Path:
             paths += [f"{class_name}/ground_truth/{defect}/{i:03d}_mask.png" for i in range(spec.n_test_per_defect)]
     touch_files(root, paths)
     (root / synth.STAMP_NAME).write_text(json.dumps(spec.stamp()), encoding="utf-8")
+    return root
+
+
+# ----------------------------------------------------------------------------- a learnable tree
+
+SPOT_CLASSES = {"alpha": 6, "beta": 3}  # normal training images per class (the folder order is by this count)
+SPOT_GOOD, SPOT_BAD = 3, 3              # test images per class
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def make_spot_tree(root: Path) -> Path:
+    """Two classes of 32x32 images: a per-class colour with noise; anomalies carry a bright square."""
+    rng = np.random.default_rng(0)
+    for c, (name, n_train) in enumerate(SPOT_CLASSES.items()):
+        base = np.array([60 + 100 * c, 120, 200 - 100 * c], dtype=np.float64)
+
+        def image(base=base):
+            return np.clip(base + rng.normal(0, 8, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+
+        for i in range(n_train):
+            _save(root / name / "train" / "good" / f"{i:03d}.png", image())
+        for i in range(SPOT_GOOD):
+            _save(root / name / "test" / "good" / f"{i:03d}.png", image())
+        for i in range(SPOT_BAD):
+            picture, mask = image(), np.zeros((32, 32), dtype=np.uint8)
+            y, x = 4 + 6 * i, 8 + 5 * i
+            picture[y:y + 8, x:x + 8] = 255
+            mask[y:y + 8, x:x + 8] = 255
+            _save(root / name / "test" / "spot" / f"{i:03d}.png", picture)
+            _save(root / name / "ground_truth" / "spot" / f"{i:03d}_mask.png", mask)
     return root

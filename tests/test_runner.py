@@ -20,12 +20,14 @@ from ltbench.datasets.folder import read_catalog
 from ltbench.metrics import METRIC_KEYS
 from ltbench.runner import DEFAULT_SPLIT, RunOptions, choose_preset, run, select_overlays
 from ltbench.splits import build_split
+from tests.fakes import SPOT_BAD as N_BAD
+from tests.fakes import SPOT_CLASSES as CLASSES
+from tests.fakes import SPOT_GOOD as N_GOOD
+from tests.fakes import make_spot_tree as make_tree
 
 TESTS = Path(__file__).resolve().parent
 MODEL = "tests.mean_detector:MeanDetector"
 SHIFTED = "tests.mean_detector:ShiftedMeanDetector"
-CLASSES = {"alpha": 6, "beta": 3}  # normal training images per class (the folder order is by this count)
-N_GOOD, N_BAD = 3, 3               # test images per class
 
 
 @pytest.fixture(autouse=True)
@@ -33,34 +35,6 @@ def _repo_on_path(monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS.parent))  # so that tests.mean_detector imports
     monkeypatch.setenv("TQDM_DISABLE", "1")
     monkeypatch.delenv("MEAN_DETECTOR_STOP_AFTER", raising=False)
-
-
-def _save(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-
-
-def make_tree(root: Path) -> Path:
-    """Two classes of 32x32 images: a per-class colour with noise; anomalies carry a bright square."""
-    rng = np.random.default_rng(0)
-    for c, (name, n_train) in enumerate(CLASSES.items()):
-        base = np.array([60 + 100 * c, 120, 200 - 100 * c], dtype=np.float64)
-
-        def image(base=base):
-            return np.clip(base + rng.normal(0, 8, size=(32, 32, 3)), 0, 255).astype(np.uint8)
-
-        for i in range(n_train):
-            _save(root / name / "train" / "good" / f"{i:03d}.png", image())
-        for i in range(N_GOOD):
-            _save(root / name / "test" / "good" / f"{i:03d}.png", image())
-        for i in range(N_BAD):
-            picture, mask = image(), np.zeros((32, 32), dtype=np.uint8)
-            y, x = 4 + 6 * i, 8 + 5 * i
-            picture[y:y + 8, x:x + 8] = 255
-            mask[y:y + 8, x:x + 8] = 255
-            _save(root / name / "test" / "spot" / f"{i:03d}.png", picture)
-            _save(root / name / "ground_truth" / "spot" / f"{i:03d}_mask.png", mask)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -415,7 +389,7 @@ def test_truncated_training_image_names_the_file(tiny, tmp_path):
 def test_mask_size_differs_from_its_image(tiny, tmp_path):
     root = shutil.copytree(tiny[0], tmp_path / "data")
     mask = root / "alpha" / "ground_truth" / "spot" / "002_mask.png"
-    _save(mask, np.zeros((20, 20), dtype=np.uint8))
+    Image.fromarray(np.zeros((20, 20), dtype=np.uint8)).save(mask)
     out = tmp_path / "runs"
     line = one_error_line(invoke(*run_args((root, tiny[1]), out, "--set", "epochs=1")))
     assert str(mask) in line and "20x20" in line and "32x32" in line

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from baselines.uniad.model import ReconstructionTransformer, feature_jitter
+from ltbench import distributed
 from ltbench.backbones import Features, ImageEncoder, create, to_patch_tokens
 from ltbench.detector import (
     IMAGE_SIZE,
@@ -213,13 +214,15 @@ class UniAD(TorchDetector):
         if state is not None:
             losses = self._load_training_state(state, module, optimizer, scheduler, meta, checkpoint_dir)
         start = len(losses)
-        bar = tqdm(range(start, c.epochs), initial=start, total=c.epochs, desc="uniad train", unit="epoch")
+        bar = tqdm(range(start, c.epochs), initial=start, total=c.epochs, desc="uniad train", unit="epoch",
+                   disable=not distributed.info().is_main)
         for epoch in bar:
             module.train()
             # every epoch has its own seed, so a resumed run replays exactly what an uninterrupted one does
             epoch_seed = c.seed * 1_000_003 + epoch
             torch.manual_seed(epoch_seed)  # dropout
-            generator = torch.Generator().manual_seed(epoch_seed)  # batch order and jitter
+            # batch order and jitter; each rank draws its own noise for its own shard
+            generator = torch.Generator().manual_seed(epoch_seed + 7_919 * distributed.info().rank)
             order = torch.randperm(len(tokens), generator=generator)
             total = 0.0
             for start_index in range(0, len(order), c.batch_size):
@@ -228,6 +231,7 @@ class UniAD(TorchDetector):
                 loss = F.mse_loss(module(jittered), batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.average_gradients(module.parameters())  # no-op in one process
                 nn.utils.clip_grad_norm_(module.parameters(), c.grad_clip)
                 optimizer.step()
                 total += loss.item() * len(batch)

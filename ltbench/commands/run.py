@@ -72,6 +72,8 @@ def run_command(model: str, split: str | None, root: str | None, preset: str | N
                          batch_size=batch_size, overlays_per_class=overlays_per_class,
                          command=_command_line(click.get_current_context()))
     result = run(options, report=_info)
+    if result.evaluation is None:  # another rank of a distributed run: rank 0 prints
+        return
     click.echo(result.evaluation.format_summary())
     click.echo(f"Run directory: {result.run_dir}")
 
