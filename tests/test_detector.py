@@ -332,7 +332,7 @@ def test_every_registered_detector_passes_check_detector(name, tmp_path, isolate
 
 
 def test_the_readme_example_is_a_complete_detector(batch, tmp_path, monkeypatch):
-    text = (TESTS.parent / "docs" / "readme" / "runner.md").read_text()
+    text = (TESTS.parent / "README.md").read_text()
     code = text.split("## Add your own detector", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     assert len([line for line in code.splitlines() if line.strip()]) < 40
     (tmp_path / "readme_detector.py").write_text(code)
