@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from features import align_encoder, make_images  # noqa: E402  (bench/features.py)
+from features import align_encoder, make_images
 
-from ltbench import backbones  # noqa: E402
-from ltbench.errors import BackboneError  # noqa: E402
-from ltbench.testing import TensorTrainSet  # noqa: E402
+from ltbench import backbones
+from ltbench.errors import BackboneError
+from ltbench.testing import TensorTrainSet
 
 MVTEC_LT_IMAGES = 1_100  # about the size of MVTec-LT exp100 (1,342) / exp200 training sets
 
