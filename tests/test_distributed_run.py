@@ -41,7 +41,7 @@ def _run(launcher: list[str], tree: Path, split: Path, out: Path, home: Path) ->
     env = {**os.environ, "LTBENCH_HOME": str(home), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     return subprocess.run([*launcher, "-m", "ltbench.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+                          timeout=600, check=False)
 
 
 def _only_run_dir(out: Path) -> Path:
