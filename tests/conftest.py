@@ -16,6 +16,14 @@ import fakes
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_ltbench_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every test writes its feature cache and generated data under a temporary $LTBENCH_HOME, never ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LTBENCH_HOME", str(tmp_path_factory.mktemp("ltbench-home")))
+        yield
+
+
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """No `$LTBENCH_DATA`; `$LTBENCH_HOME` in a temporary folder (returned)."""
