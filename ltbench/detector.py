@@ -8,6 +8,7 @@ config.json + safetensors persistence for detectors whose learned state is one `
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import importlib
 import json
@@ -377,7 +378,7 @@ def load_training_state(checkpoint_dir: Path) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------- torch base
 
 
-class TorchDetector:
+class TorchDetector(abc.ABC):
     """Base for detectors whose learned state is one `nn.Module` (`self.module_`).
 
     Subclasses define `Config`, `fit`, `predict` and `build_module(meta)`, which builds the
@@ -394,8 +395,9 @@ class TorchDetector:
         self.config = config if config is not None else self.Config()
 
     # -- to implement
+    @abc.abstractmethod
     def build_module(self, meta: dict[str, Any]) -> torch.nn.Module:
-        raise NotImplementedError
+        """The learnable module, sized by `meta`; `load` calls it before loading the weights."""
 
     # -- provided
     def _check_fitted(self) -> None:
