@@ -42,9 +42,11 @@ from ltbench.detector import (
     Prediction,
     TorchDetector,
     TrainSet,
+    check_backbone_digest,
     config_to_dict,
     load_training_state,
     make_config,
+    read_saved_model,
     save_training_state,
 )
 from ltbench.errors import ConfigError, DetectorError
@@ -567,12 +569,7 @@ class LTAD(TorchDetector):
         """Rebuild a saved LTAD; the backbone must be the one it was trained on (same weights digest)."""
         detector = super().load(directory)
         encoder = detector._backbone_on(torch.device("cpu")).image
-        if encoder.digest != detector.meta_["backbone_digest"]:
-            raise DetectorError(
-                f"{directory} was trained on backbone {detector.meta_['backbone']!r} with weights digest "
-                f"{detector.meta_['backbone_digest']}, but {detector.config.backbone!r} now has digest "
-                f"{encoder.digest}; load the same backbone weights or retrain"
-            )
+        check_backbone_digest(detector.meta_, detector.config.backbone, encoder.digest, directory)
         return detector
 
     def name_neighbours(self, top: int = 5) -> dict[str, list[list[tuple[str, float]]]]:
@@ -679,14 +676,7 @@ def read_saved_names(directory: Path) -> tuple[LTADConfig, dict[str, Any], Tenso
     from safetensors import safe_open
 
     directory = Path(directory)
-    config_path, weights_path = directory / LTAD.CONFIG_FILE, directory / LTAD.WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise DetectorError(f"{path} is missing; is {directory} a saved LTAD model directory?")
-    try:
-        payload = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DetectorError(f"{config_path} is not valid JSON ({exc}); the saved model is corrupt") from None
+    _, weights_path, payload = read_saved_model(LTAD, directory)
     target = payload.get("detector", "") if isinstance(payload, dict) else ""
     if target not in ("ltad_model.detector:LTAD", "ltad_model.detector:LTADWithoutSAD"):
         raise DetectorError(f"{directory} holds a {target or 'non-LTAD'} model; inspect-names needs an LTAD model")

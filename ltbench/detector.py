@@ -378,6 +378,34 @@ def load_training_state(checkpoint_dir: Path) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------- torch base
 
 
+def read_saved_model(cls: type, directory: Path) -> tuple[Path, Path, Any]:
+    """(config.json path, weights path, parsed config.json) of a model saved by `TorchDetector.save`.
+
+    Raises `DetectorError` naming the missing file or the file that is not JSON.
+    """
+    directory = Path(directory)
+    config_path = directory / TorchDetector.CONFIG_FILE
+    weights_path = directory / TorchDetector.WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise DetectorError(f"{path} is missing; is {directory} a saved {cls.__name__} model directory?")
+    try:
+        payload = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DetectorError(f"{config_path} is not valid JSON ({exc}); the saved model is corrupt") from None
+    return config_path, weights_path, payload
+
+
+def check_backbone_digest(meta: dict[str, Any], backbone: str, digest: str, directory: Path) -> None:
+    """Refuse to use a saved model with a backbone whose weights differ from those it was trained on."""
+    if digest != meta["backbone_digest"]:
+        raise DetectorError(
+            f"{directory} was trained on backbone {meta['backbone']!r} with weights digest "
+            f"{meta['backbone_digest']}, but {backbone!r} now has digest {digest}; "
+            "load the same backbone weights or retrain"
+        )
+
+
 class TorchDetector(abc.ABC):
     """Base for detectors whose learned state is one `nn.Module` (`self.module_`).
 
@@ -425,16 +453,7 @@ class TorchDetector(abc.ABC):
         """Rebuild a saved detector; unknown or missing config or weight keys are errors."""
         from safetensors.torch import load_file
 
-        directory = Path(directory)
-        config_path = directory / cls.CONFIG_FILE
-        weights_path = directory / cls.WEIGHTS_FILE
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise DetectorError(f"{path} is missing; is {directory} a saved {cls.__name__} model directory?")
-        try:
-            payload = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DetectorError(f"{config_path} is not valid JSON ({exc}); the saved model is corrupt") from None
+        config_path, weights_path, payload = read_saved_model(cls, directory)
         if set(payload) != {"detector", "config", "meta"}:
             raise DetectorError(f"{config_path} must hold exactly 'detector', 'config' and 'meta'; found {sorted(payload)}")
         fields = {f.name for f in dataclasses.fields(cls.Config)}

@@ -29,6 +29,7 @@ from ltbench.detector import (
     Prediction,
     TorchDetector,
     TrainSet,
+    check_backbone_digest,
     config_to_dict,
     load_training_state,
     save_training_state,
@@ -309,11 +310,6 @@ class UniAD(TorchDetector):
         """Rebuild a saved UniAD; the backbone must be the one it was trained on (same weights digest)."""
         detector = super().load(directory)
         encoder = detector._image_encoder(torch.device("cpu"))
-        if encoder.digest != detector.meta_["backbone_digest"]:
-            raise DetectorError(
-                f"{directory} was trained on backbone {detector.meta_['backbone']!r} with weights digest "
-                f"{detector.meta_['backbone_digest']}, but {detector.config.backbone!r} now has digest "
-                f"{encoder.digest}; load the same backbone weights or retrain"
-            )
+        check_backbone_digest(detector.meta_, detector.config.backbone, encoder.digest, directory)
         return detector
 
