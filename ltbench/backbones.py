@@ -19,6 +19,7 @@ Layer rule, shared by all three: the last block of the stages whose output strid
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import importlib.util
 import math
@@ -135,7 +136,7 @@ def weights_digest(module: nn.Module, recipe: str) -> str:
     return digest.hexdigest()
 
 
-class ImageEncoder:
+class ImageEncoder(abc.ABC):
     """A frozen image encoder with named intermediate layers.
 
     Attributes: name (backbone name), layer_names (shallow to deep), channels / strides (per layer),
@@ -194,8 +195,9 @@ class ImageEncoder:
             maps, embedding = self._forward(self.preprocess(images))
         return Features(OrderedDict(zip(self.layer_names, maps)), embedding)
 
+    @abc.abstractmethod
     def _forward(self, pixels: Tensor) -> tuple[list[Tensor], Tensor]:
-        raise NotImplementedError
+        """(per-layer maps in `layer_names` order, embedding) of preprocessed pixels."""
 
 
 class AlignImageEncoder(ImageEncoder):
