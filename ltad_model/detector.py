@@ -305,6 +305,14 @@ class LTAD(TorchDetector):
         step = max(1, round(c.lr_drop_at * epochs))
         return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=step, gamma=c.lr_drop_factor)
 
+    def _step(self, optimizer: torch.optim.Optimizer, loss: Tensor, parts: list[list[nn.Parameter]]) -> None:
+        """One optimiser step: backward, gradients averaged over ranks (no-op in one process), per-part clipping."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        distributed.average_gradients(p for params in parts for p in params)
+        self._clip(parts)
+        optimizer.step()
+
     def _clip(self, parts: list[list[nn.Parameter]]) -> None:
         """Clip each learned part on its own, so parts trained by separate losses stay independent."""
         if self.config.grad_clip is not None:
@@ -353,11 +361,7 @@ class LTAD(TorchDetector):
                 loss = feature_reconstruction_loss(synthetic, real)
                 if log_variance is not None:
                     loss = loss + c.kl_weight * kl_to_standard_normal(mean, log_variance)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                distributed.average_gradients(clip_parts[0])  # no-op in one process
-                self._clip(clip_parts)
-                optimizer.step()
+                self._step(optimizer, loss, clip_parts)
                 total += loss.item() * len(chosen)
             scheduler.step()
             self.loss_history_["phase1"].append(total / len(data.class_idx))
@@ -454,11 +458,7 @@ class LTAD(TorchDetector):
                     logits = network.semantic_logits(torch.cat([normal, anomalous]), class_idx.repeat(2), c)  # (2B, N)
                     labels = torch.cat([torch.zeros(len(chosen)), torch.ones(len(chosen))]).to(device)[:, None]
                     loss = loss + F.binary_cross_entropy_with_logits(logits, labels.expand_as(logits))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                distributed.average_gradients(p for params in parts for p in params)  # no-op in one process
-                self._clip(parts)
-                optimizer.step()
+                self._step(optimizer, loss, parts)
                 total += loss.item() * len(chosen)
             scheduler.step()
             self.loss_history_["phase2"].append(total / len(data.class_idx))

@@ -44,14 +44,6 @@ TINY = {  # the tiny-align backbone, a 1+1-layer transformer, 2 + 2 epochs, 3 ba
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ltbench_home(tmp_path_factory):
-    """Keep the feature cache inside the test's temporary folder."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LTBENCH_HOME", str(tmp_path_factory.mktemp("ltbench_home")))
-        yield
-
-
 @pytest.fixture(scope="module")
 def images():
     return pattern_images(n_classes=len(CLASSES), per_class=4, seed=0)  # (12, 3, 224, 224), (12,)

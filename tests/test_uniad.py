@@ -155,14 +155,6 @@ def striped_images(count: int, seed: int, anomalous: bool = False) -> tuple[torc
     return torch.stack(images), torch.stack(masks)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ltbench_home(tmp_path_factory):
-    """Keep the feature cache inside the test's temporary folder."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("LTBENCH_HOME", str(tmp_path_factory.mktemp("ltbench_home")))
-        yield
-
-
 @pytest.fixture(scope="module")
 def train_images() -> torch.Tensor:
     return striped_images(16, seed=0)[0]
