@@ -81,6 +81,29 @@ def test_files_are_the_rendered_samples(small_root: Path) -> None:
     assert np.array_equal(np.asarray(Image.open(small_root / "screw/ground_truth/missing/001_mask.png")) == 255, mask)
 
 
+# sha256 of `pixel_fingerprint()`, computed with GENERATOR_VERSION 1 before synth.py became a
+# package: any change to what is drawn must bump GENERATOR_VERSION and this value together.
+PIXELS_V1 = "c408fcb7294bd691e268890cfed1cd4f9861c83628c41867c4318cb8a3221f19"
+
+
+def pixel_fingerprint() -> str:
+    """sha256 over sample 3 of every class's train/good, test/good and test/<defect> images and masks."""
+    digest = hashlib.sha256()
+    for class_name in synth.CLASS_ORDER:
+        for split, defect in [("train", "good"), ("test", "good")] + [("test", d) for d in synth.DEFECTS[class_name]]:
+            image, mask = synth.render_sample(class_name, split, defect, 3, seed=0)
+            digest.update(f"{class_name}/{split}/{defect}".encode())
+            digest.update(image.tobytes())
+            if mask is not None:
+                digest.update(mask.tobytes())
+    return digest.hexdigest()
+
+
+def test_generated_pixels_are_pinned() -> None:
+    assert synth.GENERATOR_VERSION == 1
+    assert pixel_fingerprint() == PIXELS_V1
+
+
 def test_read_catalog(small_root: Path) -> None:
     catalog = synth.read_catalog(small_root)
     assert catalog.dataset == "synth" and catalog.root == small_root
