@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ltbench.errors import RunError
-from ltbench.runner import METRICS_FILE, run_sort_key
+from ltbench.rundir import finished_metrics_files, run_sort_key
 
 PAPER_RESULTS = Path(__file__).resolve().parent / "data_files" / "paper" / "ltad_cvpr2024_results.csv"
 # Column names of the paper's tables, in the paper's column order (Table 3).
@@ -100,9 +100,7 @@ def collect_runs(runs_dir: Path, dataset: str | None = None) -> tuple[list[RunEn
     if not runs_dir.is_dir():
         raise RunError(f"runs folder {runs_dir} does not exist; run `ltbench run` first or give RUNS_DIR")
     found: dict[tuple[str, str], list[RunEntry]] = defaultdict(list)
-    for path in sorted(runs_dir.rglob(METRICS_FILE)):
-        if any(part.startswith(".") for part in path.relative_to(runs_dir).parts):
-            continue
+    for path in finished_metrics_files(runs_dir):
         entry = _read_metrics(path)
         if dataset is None or entry.dataset == dataset:
             found[(entry.model, entry.split)].append(entry)
