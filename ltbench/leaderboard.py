@@ -20,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ltbench.datasets import DATASETS, dataset_info
 from ltbench.errors import RunError
 from ltbench.rundir import finished_metrics_files, run_sort_key
 
@@ -32,8 +33,6 @@ PAPER_METHODS = {
 SUMMARY_SOURCES = ("Table 3", "Table 4", "Table 5")  # the summary tables; the rest are supplementary
 TASKS = (("Det.", "image_auroc"), ("Seg.", "pixel_auroc"))
 METRIC_TITLES = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC"}
-DATASET_ORDER = ("mvtec", "visa", "dagm", "synth", "folder")
-DATASET_TITLES = {"mvtec": "MVTec", "visa": "VisA", "dagm": "DAGM"}
 REPORTED = " (reported)"
 MISSING = "N/A"
 
@@ -161,7 +160,7 @@ def config_sort_key(config: str) -> tuple[int, int, bool, str]:
 
 
 def _dataset_key(dataset: str) -> tuple[int, str]:
-    return (DATASET_ORDER.index(dataset) if dataset in DATASET_ORDER else len(DATASET_ORDER)), dataset
+    return (DATASETS.index(dataset) if dataset in DATASETS else len(DATASETS)), dataset
 
 
 def format_fraction(value: Any) -> str:
@@ -177,7 +176,8 @@ def format_reported(value: float | None) -> str:
 
 
 def _title(dataset: str) -> str:
-    return DATASET_TITLES.get(dataset, dataset)
+    """The dataset's name in table titles ("MVTec", as the paper writes it); unknown names as they are."""
+    return dataset_info(dataset).table_title if dataset in DATASETS else dataset
 
 
 def _models(runs: list[RunEntry]) -> list[str]:
@@ -245,7 +245,7 @@ def per_class_tables(runs: list[RunEntry], datasets: list[str], with_paper: bool
                         rows.append([label + REPORTED, *(format_reported(v) for v in values)])
                 if not rows:
                     continue
-                long_tailed = "-LT" if dataset in DATASET_TITLES else ""  # the paper's name for its splits
+                long_tailed = "-LT" if dataset in DATASETS and dataset_info(dataset).paper_benchmark else ""
                 title = f"{_title(dataset)}{long_tailed} {config}: {METRIC_TITLES[metric]}, %"
                 tables.append(Table(title=title, keys={"dataset": dataset, "config": config, "metric": metric},
                                     columns=["Method", "All", "High", "Low", *classes], rows=rows))
