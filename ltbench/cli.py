@@ -37,9 +37,17 @@ def main() -> None:
     """LTBench: long-tailed, multi-class, unsupervised industrial anomaly detection."""
 
 
-for _name in COMMAND_MODULES:  # a missing or misspelt module is an ImportError, never a silently absent command
-    for _command in importlib.import_module(f"ltbench.commands.{_name}").COMMANDS:
-        main.add_command(_command)
+def add_commands(group: click.Group, modules: tuple[str, ...]) -> None:
+    """Add the `COMMANDS` of each `ltbench.commands.<module>` to `group`.
+
+    A missing or misspelt module raises ModuleNotFoundError: a command never silently disappears.
+    """
+    for name in modules:
+        for command in importlib.import_module(f"ltbench.commands.{name}").COMMANDS:
+            group.add_command(command)
+
+
+add_commands(main, COMMAND_MODULES)
 
 
 if __name__ == "__main__":
