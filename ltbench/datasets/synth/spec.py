@@ -24,6 +24,8 @@ STAMP_NAME = "synth.json"        # written last into a root; its absence means "
 
 
 @dataclass(frozen=True)
+
+
 class SynthSpec:
     """What a generated root holds; written to its stamp file and checked by `read_catalog`."""
 
@@ -53,6 +55,7 @@ class SynthSpec:
 
 DEFAULT_SPEC = SynthSpec()
 
+
 def sample_keys(spec: SynthSpec) -> list[tuple[str, str, str, int]]:
     """Every (class, split, defect, index) of a spec, in a fixed order."""
     items = []
@@ -65,11 +68,14 @@ def sample_keys(spec: SynthSpec) -> list[tuple[str, str, str, int]]:
 
 
 def image_name(class_name: str, split: str, defect: str, index: int) -> str:
+    """An image's path relative to the root, e.g. "screw/test/missing/001.png"."""
     return f"{class_name}/{split}/{defect}/{index:03d}.png"
 
 
 def mask_name(class_name: str, defect: str, index: int) -> str:
+    """A mask's path relative to the root, e.g. "screw/ground_truth/missing/001_mask.png"."""
     return f"{class_name}/ground_truth/{defect}/{index:03d}_mask.png"
+
 
 def read_stamp(root: Path) -> dict | None:
     """The stamp file of a root, or None when it is missing or unreadable."""
@@ -79,12 +85,14 @@ def read_stamp(root: Path) -> dict | None:
         return None
     return stamp if isinstance(stamp, dict) else None
 
+
 def default_home() -> Path:
     """LTBench's cache folder: $LTBENCH_HOME, else ~/.cache/ltbench."""
     return Path(os.environ.get("LTBENCH_HOME") or Path.home() / ".cache" / "ltbench")
 
 
 def home_root(home: str | os.PathLike | None) -> Path:
+    """Where the built-in dataset lives: `<home>/synth` (home: default `default_home()`)."""
     return Path(home if home is not None else default_home()).expanduser() / "synth"
 
 

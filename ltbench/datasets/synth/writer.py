@@ -50,6 +50,7 @@ def _write_items(root: str, seed: int, items: list[tuple[str, str, str, int]]) -
                                                                   compress_level=PNG_COMPRESS_LEVEL)
     return len(items)
 
+
 def generate(root: str | os.PathLike, seed: int = 0, *, classes: list[str] | tuple[str, ...] | None = None,
              n_train: int = N_MAX, n_test_good: int = N_TEST_GOOD, n_test_per_defect: int = N_TEST_PER_DEFECT,
              workers: int | None = None, progress: Callable[[int, int], None] | None = None) -> Path:
@@ -154,6 +155,7 @@ def _remove_stale_temporaries(root: Path, older_than_s: float = 3600.0) -> None:
     for entry in root.parent.glob(f".{root.name}.*"):
         if entry.suffix in (".tmp", ".old") and entry.is_dir() and now - entry.stat().st_mtime > older_than_s:
             shutil.rmtree(entry, ignore_errors=True)
+
 
 def ensure_generated(home: str | os.PathLike | None = None,
                      progress: Callable[[int, int], None] | None = None) -> Path:
