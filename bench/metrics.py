@@ -39,7 +39,8 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ltbench.datasets.base import ANOMALY, NORMAL, Record
-from ltbench.metrics import aupro, average_precision, evaluate, roc_auc
+from ltbench.evaluation import evaluate
+from ltbench.metrics import aupro, average_precision, roc_auc
 
 SIDE = 224                          # evaluation size of the protocol
 LEVELS = 4096                       # scores are multiples of 1 / LEVELS by default: heavy ties

@@ -4,6 +4,15 @@ Any class with `Config`, `__init__(config)`, `fit(train) -> self`, `predict(imag
 -> Prediction`, `save(directory)` and classmethod `load(directory)` is a detector. The runner
 relies on nothing else. `TorchDetector` is an optional base that supplies strict
 config.json + safetensors persistence for detectors whose learned state is one `nn.Module`.
+
+Two optional parts of the contract:
+- A detection-only detector (Cut & Paste) returns `Prediction(image_scores, anomaly_maps=None)`
+  for every batch; its run's pixel metrics are null (N/A in tables) and no overlays are drawn.
+  Returning maps for some batches and None for others is an error.
+- A detector that cannot score some classes (RegAD with fewer than 2 training images in a class)
+  exposes `unscorable_classes_: dict[str, str]` (class name -> one-line reason) after `fit` and
+  after `load`. The runner never asks it to predict those classes' images; their metrics, and
+  every All/High/Low mean that includes them, are null, and the run names them. Nothing is imputed.
 """
 
 from __future__ import annotations
@@ -29,10 +38,15 @@ IMAGE_SIZE = 224  # evaluation size of images and anomaly maps (DESIGN.md, "Eval
 
 @dataclass
 class Prediction:
-    """What `predict` returns for a batch of B images."""
+    """What `predict` returns for a batch of B images.
 
-    image_scores: Tensor  # (B,) float, higher = more anomalous
-    anomaly_maps: Tensor  # (B, 224, 224) float, higher = more anomalous
+    At least one of the two is given. `image_scores=None`: the runner takes the protocol's score
+    from the maps (max of the 16x16 average-pooled map). `anomaly_maps=None`: the detector does
+    not localise (detection only); it must then give `image_scores`, and do so for every batch.
+    """
+
+    image_scores: Tensor | None  # (B,) float, higher = more anomalous; None = from the maps
+    anomaly_maps: Tensor | None  # (B, 224, 224) float, higher = more anomalous; None = detection only
 
 
 def prediction_from_maps(anomaly_maps: Tensor) -> Prediction:
@@ -162,20 +176,25 @@ def inspect_static(cls: type, member: str) -> Any:
     return None
 
 
-def check_prediction(prediction: Any, batch_size: int, owner: str) -> tuple[Tensor | None, Tensor]:
+def check_prediction(prediction: Any, batch_size: int, owner: str) -> tuple[Tensor | None, Tensor | None]:
     """Check what `predict` returned for a batch of `batch_size` images.
 
     Parameters: prediction: the returned object; owner: the detector's name for messages.
-    Returns: (image_scores (B,) or None, anomaly_maps (B, 224, 224)), both detached, on the CPU.
+    Returns: (image_scores (B,) or None, anomaly_maps (B, 224, 224) or None), detached, on the
+    CPU; never both None.
     Raises `DetectorError` saying which shape, dtype or value is wrong.
     """
     if not (hasattr(prediction, "image_scores") and hasattr(prediction, "anomaly_maps")):
         raise DetectorError(f"{owner}.predict must return a Prediction; got {type(prediction).__name__}")
     scores, maps = prediction.image_scores, prediction.anomaly_maps
+    if scores is None and maps is None:
+        raise DetectorError(f"{owner}.predict returned neither image_scores nor anomaly_maps; a detection-only "
+                            "detector must return image_scores")
     expected_maps = (batch_size, IMAGE_SIZE, IMAGE_SIZE)
-    if not isinstance(maps, Tensor) or tuple(maps.shape) != expected_maps:
+    if maps is not None and (not isinstance(maps, Tensor) or tuple(maps.shape) != expected_maps):
         got = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
-        raise DetectorError(f"{owner}.predict: anomaly_maps must be a tensor of shape {expected_maps}; got {got}")
+        raise DetectorError(f"{owner}.predict: anomaly_maps must be a tensor of shape {expected_maps} or None; "
+                            f"got {got}")
     if scores is not None and (not isinstance(scores, Tensor) or tuple(scores.shape) != (batch_size,)):
         got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise DetectorError(f"{owner}.predict: image_scores must be a tensor of shape ({batch_size},); got {got}")
@@ -186,7 +205,45 @@ def check_prediction(prediction: Any, batch_size: int, owner: str) -> tuple[Tens
             raise DetectorError(f"{owner}.predict: {label} must be floating point; got {value.dtype}")
         if not bool(torch.isfinite(value).all()):
             raise DetectorError(f"{owner}.predict: {label} holds NaN or infinite values")
-    return (None if scores is None else scores.detach().cpu()), maps.detach().cpu()
+    return (None if scores is None else scores.detach().cpu()), (None if maps is None else maps.detach().cpu())
+
+
+def check_uniform(given: list[bool], what: str, owner: str) -> bool:
+    """Whether `what` was given for the batches of a test set, which must be all or none of them.
+
+    Parameters: given: one flag per batch (e.g. "anomaly_maps is not None"); what: the field's
+    name; owner: the detector's name.
+    Returns: True when every batch gave it, False when none did (or there were no batches).
+    Raises `DetectorError` naming the detector when some batches gave it and others did not.
+    """
+    if any(given) and not all(given):
+        raise DetectorError(f"{owner}.predict returned {what} for {sum(given)} of {len(given)} batches and None "
+                            f"for the others; a detector returns {what} for every batch or for none")
+    return bool(given) and all(given)
+
+
+def unscorable_classes(detector: Any, class_names: list[str], owner: str) -> dict[str, str]:
+    """The classes a fitted (or loaded) detector says it cannot score, checked.
+
+    Parameters: detector: the detector; class_names: the split's classes; owner: its name.
+    Returns: {class name: one-line reason}, in class order; {} when the detector has no
+    `unscorable_classes_`.
+    Raises `DetectorError` when it is not a dict of known class names to non-empty strings.
+    """
+    declared = getattr(detector, "unscorable_classes_", None)
+    if declared is None:
+        return {}
+    if not isinstance(declared, dict):
+        raise DetectorError(f"{owner}.unscorable_classes_ must be a dict of class name -> reason; "
+                            f"got {type(declared).__name__}")
+    unknown = sorted(str(name) for name in declared if name not in class_names)
+    if unknown:
+        raise DetectorError(f"{owner}.unscorable_classes_ names {unknown}, which are not classes of the split "
+                            f"({', '.join(class_names)})")
+    empty = [name for name, reason in declared.items() if not isinstance(reason, str) or not reason.strip()]
+    if empty:
+        raise DetectorError(f"{owner}.unscorable_classes_ gives no reason (a one-line string) for {empty}")
+    return {name: declared[name] for name in class_names if name in declared}
 
 
 # ----------------------------------------------------------------------------- configs
@@ -425,6 +482,9 @@ class TorchDetector(abc.ABC):
     module, e.g. the class names or feature channels; stored in `self.meta_` and written into
     config.json), `fit`, `predict` and `build_module(meta)`, which builds the learnable module
     from the meta. Frozen backbones are not saved: they are recreated by name from the config.
+    A detector that cannot score some classes gives its `Meta` a field
+    `unscorable_classes: dict[str, str]` (class name -> reason); `unscorable_classes_` then
+    exposes it after `fit` and after `load`.
     """
 
     Config: ClassVar[type]
@@ -441,6 +501,12 @@ class TorchDetector(abc.ABC):
         """The learnable module, sized by `meta` (a `Meta`); `load` calls it before loading the weights."""
 
     # -- provided
+    @property
+    def unscorable_classes_(self) -> dict[str, str]:
+        """Class name -> why this detector cannot score it (from `meta_.unscorable_classes`; {} without that field)."""
+        meta = self.__dict__.get("meta_")
+        return dict(getattr(meta, "unscorable_classes", None) or {})
+
     def _check_fitted(self) -> None:
         if not hasattr(self, "module_"):
             raise DetectorError(f"{type(self).__name__}.predict called before fit(); train it or load() a saved one")

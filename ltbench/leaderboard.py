@@ -22,6 +22,7 @@ from typing import Any
 
 from ltbench.datasets import DATASETS, dataset_info
 from ltbench.errors import RunError
+from ltbench.missing import MISSING, NO_MAPS, groups_holding, unscored_text
 from ltbench.rundir import finished_metrics_files, run_sort_key
 
 PAPER_RESULTS = Path(__file__).resolve().parent / "data_files" / "paper" / "ltad_cvpr2024_results.csv"
@@ -34,7 +35,6 @@ SUMMARY_SOURCES = ("Table 3", "Table 4", "Table 5")  # the summary tables; the r
 TASKS = (("Det.", "image_auroc"), ("Seg.", "pixel_auroc"))
 METRIC_TITLES = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC"}
 REPORTED = " (reported)"
-MISSING = "N/A"
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class RunEntry:
     run_dir: Path
     per_class: dict[str, dict[str, Any]]  # class -> {"group", metric keys (fractions)}
     summary: dict[str, dict[str, float]]  # "all" / "high" / "low" -> metric keys (fractions)
+    unscored: dict[str, str] = field(default_factory=dict)  # classes the model cannot score -> reason
+    detection_only: bool = False          # no anomaly maps: Seg. is N/A
 
     @property
     def dataset(self) -> str:
@@ -85,7 +87,21 @@ def _read_metrics(path: Path) -> RunEntry:
     if not isinstance(data, dict) or not {"model", "split", "per_class", "summary"} <= set(data):
         raise RunError(f"{path} lacks model, split, per_class or summary; it was not written by `ltbench run`")
     return RunEntry(model=str(data["model"]), split=str(data["split"]), run_dir=path.parent,
-                    per_class=data["per_class"], summary=data["summary"])
+                    per_class=data["per_class"], summary=data["summary"], unscored=dict(data.get("unscored") or {}),
+                    detection_only=bool(data.get("detection_only", False)))
+
+
+def missing_value_notes(runs: list[RunEntry]) -> list[str]:
+    """Why cells are N/A: the classes each run could not score, and the detection-only runs."""
+    notes = []
+    for run in runs:
+        if run.unscored:
+            groups = ", ".join(groups_holding(run.per_class, run.unscored))
+            notes.append(f"{run.model} on {run.split}: {MISSING} in {groups} and the class columns of the classes it "
+                         f"cannot score: {unscored_text(run.unscored)}")
+        if run.detection_only:
+            notes.append(f"{run.model} on {run.split}: Seg. (pixel AUROC) is {MISSING}: {NO_MAPS}")
+    return notes
 
 
 def collect_runs(runs_dir: Path, dataset: str | None = None) -> tuple[list[RunEntry], list[str]]:
@@ -265,6 +281,7 @@ def build_leaderboard(runs_dir: Path, dataset: str | None = None, per_class: boo
     show_paper_only = with_paper and dataset is not None and bool(paper_configs(dataset))
     if runs_dir.is_dir() or not show_paper_only:
         runs, notes = collect_runs(runs_dir, dataset)
+        notes += missing_value_notes(runs)
     else:
         runs, notes = [], [f"runs folder {runs_dir} does not exist; showing the published numbers only"]
     datasets = sorted({r.dataset for r in runs} | ({dataset} if show_paper_only else set()), key=_dataset_key)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ltbench.data import load_image
-from ltbench.detector import check_prediction, resolve_detector
+from ltbench.detector import check_prediction, check_uniform, resolve_detector, unscorable_classes
 from ltbench.errors import ConfigError, RunError
 from ltbench.metrics import image_score_from_map
 from ltbench.overlays import save_overlay, value_range
@@ -27,7 +27,7 @@ class ImagePrediction:
     image: Path
     class_name: str
     score: float
-    overlay: Path
+    overlay: Path | None  # None: the detector gives no anomaly maps (detection only)
 
 
 def predict_images(run_dir: Path, images: Sequence[Path], class_name: str, out_dir: Path,
@@ -36,7 +36,8 @@ def predict_images(run_dir: Path, images: Sequence[Path], class_name: str, out_d
 
     Parameters: run_dir: a run directory; images: image files; class_name: their class (one of
     the run's classes); out_dir: where scores.csv and the overlays go.
-    Returns: one `ImagePrediction` per image, in order.
+    Returns: one `ImagePrediction` per image, in order. A detection-only model writes scores
+    only (no overlays). Raises `ConfigError` for a class the model cannot score.
     """
     run_dir = Path(run_dir)
     record = read_run_record(run_dir)
@@ -50,6 +51,9 @@ def predict_images(run_dir: Path, images: Sequence[Path], class_name: str, out_d
     spec = resolve_detector(record["detector"])
     torch_device, _ = choose_device(device)
     detector = spec.cls.load(run_dir / MODEL_DIR)
+    unscored = unscorable_classes(detector, classes, spec.name)
+    if class_name in unscored:
+        raise ConfigError(f"the model of run {run_dir} cannot score class {class_name!r}: {unscored[class_name]}")
     ranges_path = run_dir / MAPS_DIR / VALUE_RANGES_FILE
     ranges = json.loads(ranges_path.read_text()) if ranges_path.is_file() else {}
     index = classes.index(class_name)
@@ -58,24 +62,30 @@ def predict_images(run_dir: Path, images: Sequence[Path], class_name: str, out_d
     loaded = [load_image(p) for p in paths]  # read all first: a bad file fails before anything is written
     all_maps: list[np.ndarray] = []
     all_scores: list[float] = []
+    has_maps: list[bool] = []
     with torch.no_grad():
         for start in range(0, len(loaded), batch_size):
             batch = torch.stack(loaded[start:start + batch_size])                 # (B, 3, 224, 224)
             class_idx = torch.full((len(batch),), index, dtype=torch.int64)       # (B,)
             prediction = detector.predict(batch.to(torch_device), class_idx.to(torch_device))
             scores, maps = check_prediction(prediction, len(batch), spec.name)
-            maps_np = maps.float().numpy()                                       # (B, 224, 224)
-            all_maps.extend(maps_np)
-            all_scores.extend(float(s) for s in (image_score_from_map(maps_np) if scores is None else scores))
-    low, high = ranges.get(class_name) or value_range(np.stack(all_maps))
+            has_maps.append(maps is not None)
+            if check_uniform(has_maps, "anomaly_maps", spec.name):
+                all_maps.extend(maps.float().numpy())                            # (B, 224, 224)
+            all_scores.extend(float(s) for s in (image_score_from_map(maps) if scores is None else scores))
+    if all_maps:
+        low, high = ranges.get(class_name) or value_range(np.stack(all_maps))
 
     out_dir = Path(out_dir)
     used: set[str] = set()
     results: list[ImagePrediction] = []
-    for path, image, heat, score in zip(paths, loaded, all_maps, all_scores):
-        overlay = out_dir / f"{unique_name(path.stem, used)}.png"
-        save_overlay(overlay, image, heat, None, (low, high), f"{class_name} / {path.name}   score {score:.4g}")
+    for position, (path, image, score) in enumerate(zip(paths, loaded, all_scores)):
+        overlay = out_dir / f"{unique_name(path.stem, used)}.png" if all_maps else None
+        if overlay is not None:
+            save_overlay(overlay, image, all_maps[position], None, (low, high),
+                         f"{class_name} / {path.name}   score {score:.4g}")
         results.append(ImagePrediction(image=path, class_name=class_name, score=score, overlay=overlay))
     write_csv(out_dir / SCORES_FILE, ["image", "class_name", "score", "overlay"],
-              ([str(r.image), r.class_name, repr(r.score), str(r.overlay)] for r in results))
+              ([str(r.image), r.class_name, repr(r.score), "" if r.overlay is None else str(r.overlay)]
+               for r in results))
     return results

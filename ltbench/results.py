@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io as _text_io
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ import numpy as np
 from ltbench import io
 from ltbench.data import read_image_uint8
 from ltbench.datasets.base import Catalog, Record
-from ltbench.metrics import METRIC_KEYS, Evaluation
+from ltbench.evaluation import Evaluation
+from ltbench.metrics import METRIC_KEYS
 from ltbench.overlays import save_overlay, value_range
 from ltbench.rundir import MAPS_DIR, METRICS_FILE, PER_CLASS_FILE, SCORES_FILE, VALUE_RANGES_FILE
 
@@ -44,15 +46,21 @@ def write_results(run_dir: Path, evaluation: Evaluation, model: str, split: str,
                   scores: np.ndarray) -> None:
     """Write metrics.json, per_class.csv and scores.csv into a run directory.
 
-    Parameters: evaluation: what `ltbench.metrics.evaluate` returned; model, split: their names
-    ("ltad", "mvtec/exp100"); records: the N test records; scores: (N,) image scores in their order.
+    Parameters: evaluation: what `ltbench.evaluation.evaluate` returned; model, split: their names
+    ("ltad", "mvtec/exp100"); records: the N test records; scores: (N,) image scores in their order,
+    NaN for the images of classes the detector cannot score. Null values are empty CSV cells.
     """
     io.write_json(run_dir / METRICS_FILE, evaluation.to_json(model, split))
     write_csv(run_dir / PER_CLASS_FILE, ["class_name", "group", *METRIC_KEYS],
-              ([name, values["group"], *(values.get(key, float("nan")) for key in METRIC_KEYS)]
+              ([name, values["group"], *(csv_number(values.get(key)) for key in METRIC_KEYS)]
                for name, values in evaluation.per_class.items()))
     write_csv(run_dir / SCORES_FILE, ["class_name", "image", "label", "defect_type", "score"],
-              ([r.class_name, r.image, r.label, r.defect_type, repr(float(s))] for r, s in zip(records, scores)))
+              ([r.class_name, r.image, r.label, r.defect_type, csv_number(s)] for r, s in zip(records, scores)))
+
+
+def csv_number(value: float | None) -> str:
+    """A number as a CSV cell: its exact repr, or an empty cell (null) for None or NaN."""
+    return "" if value is None or math.isnan(value) else repr(float(value))
 
 
 def select_overlays(labels: np.ndarray, scores: np.ndarray, count: int) -> list[int]:

@@ -31,11 +31,16 @@ from ltbench.detector import (
     IMAGE_SIZE,
     DetectorSpec,
     check_prediction,
+    check_uniform,
     config_to_dict,
     make_config,
     resolve_detector,
+    unscorable_classes,
 )
 from ltbench.errors import ConfigError, LTBenchError, RunError
+from ltbench.evaluation import evaluate
+from ltbench.metrics import image_score_from_map
+from ltbench.missing import unscored_text
 from ltbench.results import write_overlays, write_results
 from ltbench.run_config import build_config, choose_device, choose_preset, jsonable
 from ltbench.rundir import (
@@ -344,8 +349,6 @@ def run(options: RunOptions, report: Reporter | None = None) -> RunResult:
 
 
 def _train_predict_evaluate(plan: _Plan, options: RunOptions, log: RunLog) -> Any:
-    from ltbench import metrics
-
     assert plan.partial is not None
     spec, manifest, catalog = plan.spec, plan.manifest, plan.catalog
     seed_everything(plan.record["seed"])
@@ -371,60 +374,91 @@ def _train_predict_evaluate(plan: _Plan, options: RunOptions, log: RunLog) -> An
             log(f"Model saved to {model_dir}")
         distributed.barrier()
 
+    unscored = unscorable_classes(detector, list(manifest.class_order), spec.name)
     index = {name: i for i, name in enumerate(manifest.class_order)}
     records = sorted((r for r in catalog.test_records() if r.class_name in index),
                      key=lambda r: (index[r.class_name], r.image))
     if not records:
         raise RunError(f"split {manifest.name} has no test images under {catalog.root}")
-    count = len(records)
-    mine = distributed.shard(range(count))  # this process's test images; all of them in one process
-    local_maps = np.empty((len(mine), IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)  # (n, 224, 224)
-    local_masks = np.empty((len(mine), IMAGE_SIZE, IMAGE_SIZE), dtype=bool)       # (n, 224, 224)
-    image_scores: list[np.ndarray | None] = []
-    position = 0
-    show = options.progress and distributed.info().is_main
-    with tqdm(total=len(mine), desc="predict", unit="img", disable=not show) as bar, torch.no_grad():
-        for batch in evaluation_batches(catalog, [records[i] for i in mine], manifest.class_order,
-                                        options.batch_size):
-            size = len(batch.records)
-            prediction = detector.predict(batch.images.to(plan.device), batch.class_idx.to(plan.device))
-            scores, maps = check_prediction(prediction, size, spec.name)
-            local_maps[position:position + size] = maps.float().cpu().numpy()
-            local_masks[position:position + size] = batch.masks.numpy()
-            image_scores.append(None if scores is None else scores.double().cpu().numpy())
-            position += size
-            bar.update(size)
-    if distributed.info().enabled:
-        shards = distributed.gather_to_main((mine, local_maps, local_masks, image_scores))
-        if not distributed.info().is_main:
-            return None  # rank 0 evaluates and writes
-        anomaly_maps = np.empty((count, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)  # (N, 224, 224)
-        masks = np.empty((count, IMAGE_SIZE, IMAGE_SIZE), dtype=bool)               # (N, 224, 224)
-        gathered: list[list[np.ndarray | None]] = []
-        for indices, shard_maps, shard_masks, shard_scores in shards:
-            anomaly_maps[indices] = shard_maps  # padding repeats a few images with identical values
-            masks[indices] = shard_masks
-            gathered.append(shard_scores)
-        image_scores = _merge_scores(count, [s[0] for s in shards], gathered)
-    else:
-        anomaly_maps, masks = local_maps, local_masks
-    if all(s is None for s in image_scores):  # the protocol's score: max of the 16x16 average-pooled map
-        final_scores = metrics.image_score_from_map(anomaly_maps)
-    elif any(s is None for s in image_scores):
-        raise RunError(f"{spec.name}.predict returned image_scores for some batches and None for others")
-    else:
-        final_scores = np.concatenate(image_scores)
-    log(f"Predicted {count} test images")
+    scored = [r for r in records if r.class_name not in unscored]
+    if unscored:
+        log(f"Not scoring {len(records) - len(scored)} test images of {len(unscored)} classes that {spec.name} "
+            f"cannot score (their metrics and the means that include them are N/A): {unscored_text(unscored)}")
+    if not scored:
+        raise RunError(f"{spec.name} cannot score any class of split {manifest.name}: {unscored_text(unscored)}")
+    final_scores, anomaly_maps, masks = _predict_test_set(detector, plan, scored, options)
+    if final_scores is None:
+        return None  # another rank of a distributed run: rank 0 evaluates and writes
+    log(f"Predicted {len(scored)} test images")
 
-    evaluation = metrics.evaluate(manifest, records, final_scores, anomaly_maps, masks)
+    evaluation = evaluate(manifest, scored, final_scores, anomaly_maps, masks, unscored)
     for warning in evaluation.warnings:
         log(f"Warning: {warning}")
-    write_results(plan.partial, evaluation, spec.name, manifest.name, records, final_scores)
-    written = write_overlays(plan.partial, catalog, manifest.class_order, records, final_scores, anomaly_maps,
-                             masks, options.overlays_per_class)
+    score_of = dict(zip((r.image for r in scored), final_scores))
+    all_scores = np.array([score_of.get(r.image, np.nan) for r in records], dtype=np.float64)  # NaN: unscored
+    write_results(plan.partial, evaluation, spec.name, manifest.name, records, all_scores)
+    if anomaly_maps is None:
+        written = 0
+        log(f"No overlays: {spec.name} is detection-only (it returns no anomaly maps)")
+    else:
+        written = write_overlays(plan.partial, catalog, manifest.class_order, scored, final_scores, anomaly_maps,
+                                 masks, options.overlays_per_class)
     log(f"Wrote metrics, per-class table, {len(records)} image scores and {written} overlays")
     log("Results:\n" + evaluation.format_summary(), echo=False)
     return evaluation
+
+
+def _predict_test_set(detector: Any, plan: _Plan, records: list, options: RunOptions
+                      ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Predict the test images (this process's shard; rank 0 gathers the others).
+
+    Parameters: records: the N test records to score, in order.
+    Returns: (image scores (N,), anomaly maps (N, 224, 224) or None for a detection-only
+    detector, masks (N, 224, 224) or None likewise); (None, None, None) on ranks other than 0.
+    Raises `DetectorError` when the detector gives maps (or scores) for some batches only.
+    """
+    name, count = plan.spec.name, len(records)
+    mine = distributed.shard(range(count))  # this process's test images; all of them in one process
+    local_maps: np.ndarray | None = None    # (n, 224, 224), allocated at the first batch with maps
+    local_masks: np.ndarray | None = None   # (n, 224, 224)
+    image_scores: list[np.ndarray | None] = []
+    has_maps: list[bool] = []
+    position = 0
+    show = options.progress and distributed.info().is_main
+    with tqdm(total=len(mine), desc="predict", unit="img", disable=not show) as bar, torch.no_grad():
+        for batch in evaluation_batches(plan.catalog, [records[i] for i in mine], plan.manifest.class_order,
+                                        options.batch_size):
+            size = len(batch.records)
+            prediction = detector.predict(batch.images.to(plan.device), batch.class_idx.to(plan.device))
+            scores, maps = check_prediction(prediction, size, name)
+            has_maps.append(maps is not None)
+            if check_uniform(has_maps, "anomaly_maps", name):
+                if local_maps is None:
+                    local_maps = np.empty((len(mine), IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+                    local_masks = np.empty((len(mine), IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+                local_maps[position:position + size] = maps.float().numpy()
+                local_masks[position:position + size] = batch.masks.numpy()
+            image_scores.append(None if scores is None else scores.double().numpy())
+            position += size
+            bar.update(size)
+    if not distributed.info().enabled:
+        anomaly_maps, masks = local_maps, local_masks
+    else:
+        shards = distributed.gather_to_main((mine, local_maps, local_masks, image_scores))
+        if not distributed.info().is_main:
+            return None, None, None
+        localised = check_uniform([shard[1] is not None for shard in shards], "anomaly_maps", name)
+        anomaly_maps = np.empty((count, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32) if localised else None
+        masks = np.empty((count, IMAGE_SIZE, IMAGE_SIZE), dtype=bool) if localised else None
+        for indices, shard_maps, shard_masks, _ in shards:
+            if localised:  # padding repeats a few images with identical values
+                anomaly_maps[indices] = shard_maps
+                masks[indices] = shard_masks
+        image_scores = _merge_scores(count, [shard[0] for shard in shards], [shard[3] for shard in shards])
+    if not check_uniform([s is not None for s in image_scores], "image_scores", name):
+        # the protocol's score: max of the 16x16 average-pooled map (check_prediction ensured maps exist)
+        return image_score_from_map(anomaly_maps), anomaly_maps, masks
+    return np.concatenate(image_scores), anomaly_maps, masks
 
 
 def _merge_scores(count: int, indices: list[list[int]], scores: list[list[np.ndarray | None]]

@@ -16,7 +16,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ltbench.detector import IMAGE_SIZE, TrainSet, check_prediction, validate_detector_class
+from ltbench.detector import (
+    IMAGE_SIZE,
+    TrainSet,
+    check_prediction,
+    unscorable_classes,
+    validate_detector_class,
+)
 from ltbench.errors import DetectorError, LTBenchError
 
 
@@ -69,7 +75,7 @@ def _fail(cls: type, what: str) -> DetectorError:
     return DetectorError(f"{cls.__module__}.{cls.__qualname__} fails the detector contract: {what}")
 
 
-def _predict(detector: Any, images: Tensor, class_idx: Tensor, cls: type) -> tuple[Tensor | None, Tensor]:
+def _predict(detector: Any, images: Tensor, class_idx: Tensor, cls: type) -> tuple[Tensor | None, Tensor | None]:
     with torch.no_grad():
         prediction = detector.predict(images, class_idx)
     try:
@@ -78,9 +84,10 @@ def _predict(detector: Any, images: Tensor, class_idx: Tensor, cls: type) -> tup
         raise _fail(cls, str(exc)) from None
 
 
-def _same(a: tuple[Tensor | None, Tensor], b: tuple[Tensor | None, Tensor]) -> bool:
-    scores_equal = (a[0] is None and b[0] is None) or (a[0] is not None and b[0] is not None and torch.equal(a[0], b[0]))
-    return scores_equal and torch.equal(a[1], b[1])
+def _same(a: tuple[Tensor | None, Tensor | None], b: tuple[Tensor | None, Tensor | None]) -> bool:
+    """Equal predictions: each part is None in both, or equal tensors."""
+    return all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+               for x, y in zip(a, b))
 
 
 def _expect_load_error(cls: type, directory: Path, change: str) -> None:
@@ -134,14 +141,18 @@ def check_detector(cls: type, train_set: TrainSet, config: Any = None, images: T
 
     Checks, in order: the contract's members exist; `Config` is a frozen dataclass whose fields
     all have defaults; `__init__` stores the config; `predict` before `fit` raises
-    `DetectorError`; `fit` returns self; `predict` returns a `Prediction` with image scores (B,)
-    and anomaly maps (B, 224, 224), floating point and finite, the same on a second call;
-    `save` writes config.json and *.safetensors only; `load` gives identical predictions and
-    rejects an unknown config key, an unknown tensor and a missing tensor.
+    `DetectorError`; `fit` returns self; `unscorable_classes_`, if the detector has it, maps
+    classes of the training set to reasons; `predict` returns a `Prediction` with image scores
+    (B,) or None and anomaly maps (B, 224, 224) or None (detection only), not both None,
+    floating point and finite, the same on a second call, and maps (or None) for a one-image
+    batch too; `save` writes config.json and *.safetensors only; `load` gives identical
+    predictions and the same unscorable classes, and rejects an unknown config key, an unknown
+    tensor and a missing tensor.
 
     Parameters: cls: the detector class; train_set: what `fit` trains on; config: the config to
     use (default `cls.Config()`); images, class_idx: a batch to predict on (default: the first
-    batch of `train_set`, at most 4 images); work_dir: where to save (default a temporary folder).
+    batch of `train_set`, at most 4 images; images of classes the detector cannot score are
+    dropped before predicting); work_dir: where to save (default a temporary folder).
     Returns: the fitted detector.
     """
     validate_detector_class(cls)
@@ -173,9 +184,24 @@ def check_detector(cls: type, train_set: TrainSet, config: Any = None, images: T
     fitted = detector.fit(train_set)
     if fitted is not detector:
         raise _fail(cls, "fit() must return self")
+    try:
+        unscored = unscorable_classes(detector, list(train_set.class_names), cls.__qualname__)
+    except DetectorError as exc:
+        raise _fail(cls, str(exc)) from None
+    scorable = torch.tensor([train_set.class_names[int(i)] not in unscored for i in class_idx], dtype=torch.bool)
+    if not bool(scorable.any()):
+        raise _fail(cls, f"the batch to predict holds only classes it cannot score ({', '.join(unscored)}); "
+                         "give check_detector images of a class it can score")
+    images, class_idx = images[scorable], class_idx[scorable]
     first = _predict(detector, images, class_idx, cls)
     if not _same(first, _predict(detector, images, class_idx, cls)):
         raise _fail(cls, "predict() gives different results for the same input; it must be deterministic in eval")
+    single = _predict(detector, images[:1], class_idx[:1], cls)
+    for part, label in ((0, "image_scores"), (1, "anomaly_maps")):
+        if (first[part] is None) != (single[part] is None):
+            raise _fail(cls, f"predict() returns {label} for a batch of {len(images)} but "
+                             f"{'None' if single[part] is None else 'a tensor'} for a batch of 1; "
+                             f"it must return {label} for every batch or for none")
 
     with tempfile.TemporaryDirectory(dir=work_dir) as scratch_name:
         scratch = Path(scratch_name)
@@ -192,5 +218,8 @@ def check_detector(cls: type, train_set: TrainSet, config: Any = None, images: T
             raise _fail(cls, f"load() must return a {cls.__qualname__}; got {type(loaded).__name__}")
         if not _same(first, _predict(loaded, images, class_idx, cls)):
             raise _fail(cls, "a saved and loaded detector predicts differently from the original")
+        if unscorable_classes(loaded, list(train_set.class_names), cls.__qualname__) != unscored:
+            raise _fail(cls, "a saved and loaded detector has other unscorable_classes_ than the original; "
+                             "save them (e.g. in the Meta)")
         _check_strict_load(cls, saved, scratch)
     return detector

@@ -126,3 +126,56 @@ class SeededMeanDetector(MeanDetector):
     """MeanDetector whose config carries a seed, as UniAD's and LTAD's do."""
 
     Config = SeededMeanConfig
+
+
+class DetectionOnlyMeanDetector(MeanDetector):
+    """A detection-only method (as Cut & Paste): image scores, no anomaly maps."""
+
+    def predict(self, images: torch.Tensor, class_idx: torch.Tensor) -> Prediction:
+        return Prediction(image_scores=super().predict(images, class_idx).image_scores, anomaly_maps=None)
+
+
+class InconsistentMapsDetector(MeanDetector):
+    """Breaks the contract: no maps for a one-image batch or a batch that starts with class 1+."""
+
+    def predict(self, images: torch.Tensor, class_idx: torch.Tensor) -> Prediction:
+        prediction = super().predict(images, class_idx)
+        if len(images) == 1 or int(class_idx[0]) > 0:
+            return Prediction(image_scores=prediction.image_scores, anomaly_maps=None)
+        return prediction
+
+
+class PickyMeanDetector(MeanDetector):
+    """Cannot score a class with fewer than 2 training images (as RegAD); asked to, it raises."""
+
+    UNSCORABLE_FILE = "unscorable.json"
+
+    def fit(self, train) -> PickyMeanDetector:
+        super().fit(train)
+        counts = torch.zeros(len(train.class_names), dtype=torch.int64)
+        for _, class_idx in train.batches(64, shuffle=False):
+            counts += torch.bincount(class_idx, minlength=len(train.class_names))
+        self.unscorable_classes_ = {name: f"{int(counts[i])} training image; PickyMeanDetector needs 2"
+                                    for i, name in enumerate(train.class_names) if counts[i] < 2}
+        return self
+
+    def predict(self, images: torch.Tensor, class_idx: torch.Tensor) -> Prediction:
+        if not hasattr(self, "unscorable_classes_"):
+            raise DetectorError("PickyMeanDetector.predict called before fit()")
+        asked = sorted({self.class_names_[int(i)] for i in class_idx} & set(self.unscorable_classes_))
+        if asked:
+            raise DetectorError(f"PickyMeanDetector cannot score {asked}; the runner must not ask")
+        return super().predict(images, class_idx)
+
+    def save(self, directory: Path) -> None:
+        super().save(directory)
+        (Path(directory) / self.UNSCORABLE_FILE).write_text(json.dumps(self.unscorable_classes_))
+
+    @classmethod
+    def load(cls, directory: Path) -> PickyMeanDetector:
+        detector = super().load(directory)
+        path = Path(directory) / cls.UNSCORABLE_FILE
+        if not path.is_file():
+            raise DetectorError(f"{path} is missing")
+        detector.unscorable_classes_ = json.loads(path.read_text())
+        return detector

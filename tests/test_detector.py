@@ -180,7 +180,7 @@ def test_check_prediction_reports_shapes_dtypes_and_values():
     maps = torch.zeros(2, 224, 224)
     scores, out = check_prediction(Prediction(torch.zeros(2), maps), 2, "M")
     assert scores.shape == (2,) and out.shape == (2, 224, 224)
-    with pytest.raises(DetectorError, match=r"M.predict: anomaly_maps must be a tensor of shape \(2, 224, 224\); "
+    with pytest.raises(DetectorError, match=r"M.predict: anomaly_maps must be a tensor of shape \(2, 224, 224\) or None; "
                                             r"got \(2, 112, 112\)"):
         check_prediction(Prediction(torch.zeros(2), torch.zeros(2, 112, 112)), 2, "M")
     with pytest.raises(DetectorError, match=r"image_scores must be a tensor of shape \(2,\)"):
@@ -293,7 +293,7 @@ class Forgetful(MeanDetector):
     (PredictsUnfitted, "predict before fit returned a result; it must raise DetectorError"),
     (WrongError, "predict before fit raised AttributeError (means_); it must raise DetectorError"),
     (ReturnsNone, "fit() must return self"),
-    (SmallMaps, "SmallMaps.predict: anomaly_maps must be a tensor of shape (4, 224, 224); got (4, 112, 112)"),
+    (SmallMaps, "SmallMaps.predict: anomaly_maps must be a tensor of shape (4, 224, 224) or None; got (4, 112, 112)"),
     (Noisy, "predict() gives different results for the same input"),
     (Pickles, "save() may write only JSON and safetensors files (no pickle); also wrote ['extra.pt']"),
     (Lenient, "load() accepted a model directory with an unknown key in config.json; load must be strict"),

@@ -14,16 +14,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ltbench.datasets.base import ANOMALY, NORMAL, Record
 from ltbench.errors import MetricError
-from ltbench.metrics import (
-    METRIC_KEYS,
-    Evaluation,
-    MetricWarning,
-    aggregate,
-    aupro,
-    evaluate,
-    f1_max,
-    image_score_from_map,
-)
+from ltbench.evaluation import Evaluation, MetricWarning, aggregate, evaluate
+from ltbench.metrics import METRIC_KEYS, aupro, f1_max, image_score_from_map
 
 SIZE = 20   # maps are SIZE x SIZE here (224 x 224 in the protocol); >= 16 for the pooled image score
 
@@ -194,8 +186,9 @@ def test_format_summary_and_json_of_hand_table() -> None:
     assert [line.split() for line in reprinted.splitlines()[1:4]] == [line.split() for line in lines[1:4]]
     read_back["summary"]["low"]["image_ap"] = None                          # no Low class defined it
     reprinted = Evaluation(per_class=read_back["per_class"], summary=read_back["summary"]).format_summary()
-    assert reprinted.splitlines()[3].split()[4] == "n/a"
-    assert set(document) == {"model", "split", "per_class", "summary"}
+    assert reprinted.splitlines()[3].split()[4] == "N/A"
+    assert set(document) == {"model", "split", "per_class", "summary", "unscored", "detection_only"}
+    assert document["unscored"] == {} and document["detection_only"] is False
     assert document["model"] == "uniad" and document["split"] == "toy/exp10"
     assert set(document["summary"]) == {"all", "high", "low"}
     assert all(set(row) == set(METRIC_KEYS) for row in document["summary"].values())

@@ -120,7 +120,8 @@ def test_run_writes_the_run_directory(tiny, finished):
     assert record["class_order"] == ["alpha", "beta"] and record["high"] == ["alpha"] and record["low"] == ["beta"]
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert list(metrics) == ["model", "split", "per_class", "summary"]
+    assert list(metrics) == ["model", "split", "per_class", "summary", "unscored", "detection_only"]
+    assert metrics["unscored"] == {} and metrics["detection_only"] is False
     assert metrics["model"] == MODEL and metrics["split"] == "folder/exp2"
     assert list(metrics["per_class"]) == ["alpha", "beta"] and list(metrics["summary"]) == ["all", "high", "low"]
     assert metrics["per_class"]["alpha"]["group"] == "high" and metrics["per_class"]["beta"]["group"] == "low"
@@ -175,7 +176,7 @@ def test_run_writes_the_run_directory(tiny, finished):
 
 def test_printed_defaults_and_summary_table(finished):
     _, run_dir, output = finished
-    from ltbench.metrics import Evaluation
+    from ltbench.evaluation import Evaluation
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     evaluation = Evaluation(per_class=metrics["per_class"], summary=metrics["summary"])

@@ -111,7 +111,9 @@ def predict_command(run_dir: Path, images: tuple[Path, ...], class_name: str, ou
     click.echo(f"{'score'.rjust(width)}  image")
     for result in results:
         click.echo(f"{result.score:{width}.6g}  {result.image}")
-    _info(f"Wrote {out / SCORES_FILE} and {len(results)} overlays in {out}")
+    overlays = sum(1 for r in results if r.overlay is not None)
+    note = "" if overlays else " (none: the model is detection-only and gives no anomaly maps)"
+    _info(f"Wrote {out / SCORES_FILE} and {overlays} overlays in {out}{note}")
 
 
 COMMANDS = [run_command, leaderboard_command, predict_command]
