@@ -463,7 +463,7 @@ def checkpoint_folder(source: str, default: str, kind: str, hint: str) -> tuple[
     local = Path(source).expanduser()
     is_local = source != default and (local.is_absolute() or source.startswith((".", "~")) or local.exists())
     if is_local and not (local / "config.json").is_file():
-        raise BackboneError(f"{local} is not a {kind} checkpoint folder (no config.json); {hint}")
+        raise BackboneError(f"{local} is not a checkpoint folder for `{kind}` (no config.json); {hint}")
     return (str(local) if is_local else source), is_local
 
 

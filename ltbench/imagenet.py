@@ -147,11 +147,17 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(inputs, num_classes)
 
     def forward_features(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        """Stage outputs of normalised images (B, 3, H, W): "layer1".."layer4", (B, C_k, H / 2^(k+1), W / 2^(k+1))."""
+        """Stage outputs of normalised images (B, 3, H, W): "layer1".."layer4", (B, C_k, H / 2^(k+1), W / 2^(k+1)).
+
+        Stops at the first stage the module no longer has (e.g. after `del net.layer4`).
+        """
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, width, H/4, W/4)
         stages = OrderedDict()
         for k in range(1, len(self.stage_channels) + 1):
-            x = getattr(self, f"layer{k}")(x)
+            stage = getattr(self, f"layer{k}", None)
+            if stage is None:
+                break
+            x = stage(x)
             stages[f"layer{k}"] = x
         return stages
 
