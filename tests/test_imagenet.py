@@ -90,14 +90,30 @@ def reference_vgg(state, x):
 
 
 # ------------------------------------------------------------------ files in the Hub's format
+def randomised(state: dict, seed: int) -> dict:
+    """Every float tensor redrawn at a scale that keeps activations O(1) through a deep net (He normal
+    weights, BatchNorm weights near 1 and statistics away from 0/1, small biases), so that a wrong
+    wiring or a skipped tensor shows in the outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, value in state.items():
+        noise = torch.randn(value.shape, generator=generator) if value.is_floating_point() else None
+        if noise is None:
+            out[key] = value.clone()
+        elif value.ndim > 1:
+            out[key] = noise * (2.0 / value[0].numel()) ** 0.5
+        elif key.endswith("running_var"):
+            out[key] = noise.abs() + 0.5
+        elif key.endswith("weight"):
+            out[key] = 1.0 + 0.1 * noise
+        else:
+            out[key] = 0.1 * noise
+    return out
+
+
 def write_weights(arch: str, path: Path, width: int = TINY, seed: int = 1, stats: bool = True) -> dict:
     """A `model.safetensors` as timm's `.tv_in1k` repositories hold it (random values); returns its tensors."""
-    state = dict(imagenet.IMAGENET_BUILDERS[arch](width=width, seed=seed).state_dict())
-    generator = torch.Generator().manual_seed(seed)
-    for key, value in state.items():  # non-trivial BatchNorm statistics and biases, so that every tensor matters
-        if value.is_floating_point() and value.ndim == 1:
-            noise = torch.randn(value.shape, generator=generator)
-            state[key] = noise.abs() + 0.5 if key.endswith("running_var") else value + 0.1 * noise
+    state = randomised(imagenet.IMAGENET_BUILDERS[arch](width=width, seed=seed).state_dict(), seed)
     if arch == "vgg16":  # timm keeps VGG's classifier as pre_logits (convs) and head.fc
         channels = state["features.28.weight"].shape[0]
         state |= {"pre_logits.fc1.weight": torch.randn(16, channels, 7, 7), "pre_logits.fc1.bias": torch.zeros(16),
@@ -186,6 +202,7 @@ def test_hub_weights_load_and_the_encoder_matches_the_reference(arch, hub, fast_
         index = int(layer[-1]) - 1
         torch.testing.assert_close(features.maps[layer], reference[index], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(features.embedding, reference[-1].mean(dim=(2, 3)), atol=1e-4, rtol=1e-4)
+    assert features.embedding.abs().mean() > 0.05 and features.embedding.isfinite().all()  # activations do not vanish
     assert not any(p.requires_grad for p in encoder.module.parameters()) and not encoder.module.training
 
 
@@ -328,9 +345,8 @@ def tiny_efficientnet(path: Path):
 
     config = EfficientNetConfig(width_coefficient=0.25, depth_coefficient=1.0, num_block_repeats=[1] * 7,
                                 hidden_dim=320, image_size=64, num_labels=10)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = EfficientNetForImageClassification(config)
+    model = EfficientNetForImageClassification(config)
+    model.load_state_dict(randomised(model.state_dict(), seed=0))  # transformers' init makes activations vanish
     model.save_pretrained(path)
     return model
 
@@ -350,6 +366,7 @@ def test_efficientnet_b7_loads_a_local_checkpoint_and_matches_transformers(tmp_p
     for name, index in zip(encoder.layer_names, encoder.hidden_state_indices):
         torch.testing.assert_close(features.maps[name], reference.hidden_states[index])
     torch.testing.assert_close(features.embedding, reference.pooler_output)
+    assert features.embedding.abs().mean() > 0.05 and features.embedding.isfinite().all()  # activations do not vanish
     with pytest.raises(BackboneError, match="no text encoder"):
         _ = backbone.text
 
