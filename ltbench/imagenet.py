@@ -52,6 +52,17 @@ VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "
 VGG16_POOL_INDICES = (4, 9, 16, 23, 30)  # `features[i]` of pool1..pool5 (MKD taps 9, 16, 23, 30: pool2..pool5)
 
 
+def imagenet_normalize(images: Tensor) -> Tensor:
+    """ImageNet normalisation, as the weights expect it.
+
+    Parameters: images: (B, 3, H, W) float RGB in [0, 1].
+    Returns: (B, 3, H, W) `(images - IMAGENET_MEAN) / IMAGENET_STD` per channel, same device and dtype.
+    """
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
 # ---------------------------------------------------------------------------------------------- ResNet
 def _conv3x3(inputs: int, outputs: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(inputs, outputs, kernel_size=3, stride=stride, padding=1, bias=False)

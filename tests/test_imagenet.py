@@ -261,6 +261,10 @@ def test_heads_are_left_over_but_removed_or_added_modules_must_be_named(fast_pat
     with pytest.raises(WeightsMismatchError, match="unexpected key 'layer4."):
         imagenet.load_imagenet_weights(network, path, "resnet18")
     imagenet.load_imagenet_weights(network, path, "resnet18", ignore=["layer4."])  # fc is a head: allowed
+    batch = images(1)
+    stages = network.forward_features(imagenet.imagenet_normalize(batch))  # the README's RegAD example
+    assert list(stages) == ["layer1", "layer2", "layer3"] and stages["layer3"].shape == (1, 4 * TINY, 14, 14)
+    torch.testing.assert_close(imagenet.imagenet_normalize(batch), (batch - MEAN) / STD)
     network.stn1 = torch.nn.Linear(2, 2)  # a module the file does not have
     with pytest.raises(WeightsMismatchError, match="missing key 'stn1.bias'"):
         imagenet.load_imagenet_weights(network, path, "resnet18", ignore=["layer4."])
