@@ -78,18 +78,21 @@ class TorchvisionImageEncoder(ImageEncoder):
 
     ResNets offer "layer1".."layer4" (strides 4, 8, 16, 32), VGG-16 "pool1".."pool5" (2, 4, 8, 16,
     32). The embedding is the global average of the last stage (layer4 / pool5), i.e. what the
-    ImageNet classifier reads (after its own pooling), whichever layers are kept as maps.
+    ImageNet classifier reads (after its own pooling), whichever layers are kept as maps. The
+    network given is frozen in place (eval mode, no gradients).
     """
 
     def __init__(self, name: str, network: ResNet | VGGFeatures, layers: Sequence[str] | None = None,
                  device: torch.device | str = "cpu") -> None:
-        if isinstance(network, ResNet):
-            names = [f"layer{k + 1}" for k in range(len(network.stage_channels))]
+        """name: the backbone name; layers: the maps to keep (default DEFAULT_IMAGENET_LAYERS[name], else all)."""
+        if isinstance(network, ResNet):  # the stages it still has (a ResNet may be cut after layer3)
+            names = [f"layer{k + 1}" for k in range(len(network.stage_channels))
+                     if getattr(network, f"layer{k + 1}", None) is not None]
             offered = dict(zip(names, zip(network.stage_channels, (4, 8, 16, 32))))
         else:
             names = [f"pool{k + 1}" for k in range(len(network.pool_channels))]
             offered = dict(zip(names, zip(network.pool_channels, (2, 4, 8, 16, 32))))
-        layers = list(layers if layers is not None else DEFAULT_IMAGENET_LAYERS[name])
+        layers = list(layers if layers is not None else DEFAULT_IMAGENET_LAYERS.get(name, names))
         unknown = [layer for layer in layers if layer not in offered]
         if unknown or not layers or len(set(layers)) != len(layers):
             raise BackboneError(f"{name} has layers {', '.join(offered)}; got {layers}: give one or more of them, "

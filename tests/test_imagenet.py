@@ -265,6 +265,10 @@ def test_heads_are_left_over_but_removed_or_added_modules_must_be_named(fast_pat
     stages = network.forward_features(imagenet.imagenet_normalize(batch))  # the README's RegAD example
     assert list(stages) == ["layer1", "layer2", "layer3"] and stages["layer3"].shape == (1, 4 * TINY, 14, 14)
     torch.testing.assert_close(imagenet.imagenet_normalize(batch), (batch - MEAN) / STD)
+    encoder = TorchvisionImageEncoder("cut-resnet18", network)  # an encoder over the cut network
+    assert encoder.layer_names == ["layer1", "layer2", "layer3"] and encoder.embed_dim == 4 * TINY
+    features = encoder.encode_image(batch)
+    torch.testing.assert_close(features.embedding, stages["layer3"].mean(dim=(2, 3)))
     network.stn1 = torch.nn.Linear(2, 2)  # a module the file does not have
     with pytest.raises(WeightsMismatchError, match="missing key 'stn1.bias'"):
         imagenet.load_imagenet_weights(network, path, "resnet18", ignore=["layer4."])
