@@ -268,7 +268,9 @@ def test_heads_are_left_over_but_removed_or_added_modules_must_be_named(fast_pat
     encoder = TorchvisionImageEncoder("cut-resnet18", network)  # an encoder over the cut network
     assert encoder.layer_names == ["layer1", "layer2", "layer3"] and encoder.embed_dim == 4 * TINY
     features = encoder.encode_image(batch)
-    torch.testing.assert_close(features.embedding, stages["layer3"].mean(dim=(2, 3)))
+    with torch.no_grad():  # the encoder put the network in eval mode: BatchNorm now uses its statistics
+        reference = network.forward_features(imagenet.imagenet_normalize(batch))["layer3"]
+    torch.testing.assert_close(features.embedding, reference.mean(dim=(2, 3)))
     network.stn1 = torch.nn.Linear(2, 2)  # a module the file does not have
     with pytest.raises(WeightsMismatchError, match="missing key 'stn1.bias'"):
         imagenet.load_imagenet_weights(network, path, "resnet18", ignore=["layer4."])
