@@ -285,12 +285,14 @@ def resolve_imagenet_weights(arch: str, source: str | Path | None = None) -> Pat
 
     Parameters: arch: a key of IMAGENET_WEIGHTS; source: None for the Hub repository (downloaded
     once into the Hugging Face cache by `huggingface_hub.hf_hub_download`), or a local file or a
-    folder holding `model.safetensors`.
+    folder holding `model.safetensors` ("" is refused: it is what "NAME:" with nothing after the colon gives).
     Returns: the path of the file.
     Raises: BackboneError naming the repository, the file and how to pass a local copy.
     """
     spec = _spec(arch)
-    if source is None or str(source) == "":
+    if source is not None and not str(source):  # "resnet18:" with nothing after the colon
+        raise BackboneError(f"`{arch}:` needs a weights file or folder after the colon; {download_hint(arch)}")
+    if source is None:
         try:
             # looked up on the module at call time, so tests can point it at a local file
             return Path(huggingface_hub.hf_hub_download(repo_id=spec.repo, filename=WEIGHTS_FILE))

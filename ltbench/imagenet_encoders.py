@@ -30,7 +30,6 @@ from ltbench.imagenet import (
     STATS_KEY,
     ResNet,
     VGGFeatures,
-    download_hint,
     first_of,
     load_imagenet_weights,
 )
@@ -137,8 +136,6 @@ def imagenet_encoder(arch: str, source: str | Path | None = None, layers: Sequen
     keep, shallow to deep (default DEFAULT_IMAGENET_LAYERS[arch]); width: first-stage width of the network (64 for the real weights; tests use less).
     Raises: BackboneError (WeightsMismatchError for keys that do not fit) as `load_imagenet_weights`.
     """
-    if source is not None and not str(source):
-        raise BackboneError(f"`{arch}:` needs a weights file or folder after the colon; {download_hint(arch)}")
     network = IMAGENET_BUILDERS[arch](width=width)
     load_imagenet_weights(network, source, arch)
     return TorchvisionImageEncoder(arch, network, layers, device)
