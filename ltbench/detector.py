@@ -76,6 +76,7 @@ class TrainSet(Protocol):
 
 # Built-in detectors, imported lazily so that `ltbench --help` does not import every model.
 BUILTIN_DETECTORS: dict[str, str] = {
+    "cutpaste": "baselines.cutpaste:CutPaste",
     "uniad": "baselines.uniad:UniAD",
     "uniad_align": "baselines.uniad:UniADAlign",
     "ltad": "ltad_model:LTAD",
