@@ -47,7 +47,8 @@ class CutPasteConfig:
     head_dims: tuple[int, ...] = (512, 128)  # Linear+BN1d+ReLU widths: [512] * head_layer + [128], head_layer=1
     #                                          (run_training.py L203; model.py L15-30)
     variant: str = "3way"  # normal / cutpaste / scar (run_training.py L206 default; paper's 3-way)
-    steps: int = 10000  # optimisation steps (Runinho `--epochs` counts steps, default 256; its README runs 10000)
+    steps: int = 10000  # optimisation steps (Runinho `--epochs` counts steps, default 256; its README runs 10000);
+    #                     0 = the density on the initial network (the untrained control; ImageNet + GDE)
     batch_size: int = 32  # source images per step; the forward batch is 3x (README recommends 32; paper 96 for 3-way)
     lr: float = 0.03  # SGD learning rate (run_training.py L41; paper)
     momentum: float = 0.9  # SGD momentum (run_training.py L41)
@@ -73,8 +74,8 @@ class CutPasteConfig:
             problems.append(f"density must be one of {', '.join(DENSITIES)}; got {self.density!r}")
         if self.width < 1 or self.image_size < 32 or not self.head_dims or min(self.head_dims) < 1:
             problems.append("width >= 1, image_size >= 32 and head_dims of positive widths are required")
-        if self.steps < 1 or self.batch_size < 1 or self.freeze_steps < 0:
-            problems.append("steps and batch_size must be >= 1, freeze_steps >= 0")
+        if self.steps < 0 or self.batch_size < 1 or self.freeze_steps < 0:
+            problems.append("steps and freeze_steps must be >= 0, batch_size >= 1")
         if self.lr <= 0 or self.momentum < 0 or self.weight_decay < 0 or self.jitter < 0:
             problems.append("lr must be > 0; momentum, weight_decay and jitter >= 0")
         if problems:
@@ -265,7 +266,7 @@ class CutPaste(TorchDetector):
         parameters = [p for p in module.parameters()]
         optimizer = torch.optim.SGD(parameters, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         # CosineAnnealingWarmRestarts(T_0=steps) stepped every step (run_training.py L42, L132-133): one cosine
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=c.steps)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=max(1, c.steps))
         progress = TrainingProgress(train.checkpoint_dir, training_identity(c, meta))
         modules = {"module": module, "optimizer": optimizer, "scheduler": scheduler}
         state = progress.restore(modules) or {"step": 0, "passes": 0}
