@@ -13,7 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from ltbench.detector import TrainSet, prediction_from_maps
-from ltbench.feature_detector import FeatureDetector, FeatureMeta, TrainingFeatures, _gather_shards, grid_to_image
+from ltbench.feature_detector import (
+    FeatureDetector,
+    FeatureMeta,
+    TrainingFeatures,
+    _gather_shards,
+    grid_to_image,
+)
 from ltbench.testing import TensorTrainSet, check_detector, pattern_images
 from ltbench.training import EpochBatches
 
