@@ -55,6 +55,7 @@ class RegADConfig:
     shot: int = 2  # K: supports per training query and support images per class at test (--shot 2; LTAD paper Sec. 6)
     epochs: int = 50  # --epochs
     batch_size: int = 32  # --batch_size: queries of one class per step
+    queries_per_class: int | None = None  # cap on each class's queries per epoch (None: all its images, official)
     lr: float = 1e-4  # --lr, SGD for STN+backbone, encoder and predictor alike
     momentum: float = 0.9  # --momentum
     seed: int = 668  # --seed: model init, pair sampling, support draws
@@ -69,6 +70,8 @@ class RegADConfig:
             problems.append(f"backbone must be one of {', '.join(BACKBONES)}; got {self.backbone!r}")
         if self.shot < 1 or self.epochs < 1 or self.batch_size < 1 or self.support_draws < 1:
             problems.append("shot, epochs, batch_size and support_draws must be >= 1")
+        if self.queries_per_class is not None and self.queries_per_class < 1:
+            problems.append(f"queries_per_class must be >= 1 or None; got {self.queries_per_class}")
         if self.lr < 0 or not 0.0 <= self.momentum < 1.0:
             problems.append("lr must be >= 0 and momentum in [0, 1)")
         if self.covariance_ridge <= 0 or self.blur_sigma <= 0:
@@ -94,7 +97,9 @@ class RegAD(TorchDetector):
     Config: ClassVar[type] = RegADConfig
     Meta: ClassVar[type] = RegADMeta
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        "quick": {"backbone": "lite", "epochs": 3, "support_draws": 2},
+        # a CPU run on synth/* in minutes: a fine-tuned Lite0 costs ~1 CPU-s per image and step, so each
+        # epoch trains on 8 queries per class; one support draw per class
+        "quick": {"backbone": "lite", "epochs": 2, "queries_per_class": 8, "support_draws": 1},
     }
     check_inputs = FeatureDetector.check_inputs  # shapes and class range of predict's inputs
 
@@ -188,7 +193,7 @@ class RegAD(TorchDetector):
         parts = {"model": module, "optimizer": optimizer}
         saved = progress.restore(parts)
         losses = [float(x) for x in saved["epoch_losses"]] if saved else []
-        queries_total = int(sum((labels == k).sum() for k in classes))
+        queries_total = sum(min(int((labels == k).sum()), c.queries_per_class or len(labels)) for k in classes)
         bar = tqdm(range(len(losses), c.epochs), initial=len(losses), total=c.epochs, desc="regad train",
                    unit="epoch", disable=not distributed.info().is_main)
         for epoch in bar:
@@ -198,7 +203,7 @@ class RegAD(TorchDetector):
             module.train()
             generator = torch.Generator().manual_seed(epoch_seed(c.seed, epoch))
             total = 0.0
-            for queries, supports in pair_batches(labels, classes, c.batch_size, c.shot, generator):
+            for queries, supports in pair_batches(labels, classes, c.batch_size, c.shot, generator, c.queries_per_class):
                 local = local_batch(torch.arange(len(queries)))
                 loss = None
                 if len(local.indices):
@@ -258,21 +263,22 @@ class RegAD(TorchDetector):
         return Prediction(image_scores=maps.flatten(1).max(dim=1).values, anomaly_maps=maps)
 
 
-def pair_batches(labels: Tensor, classes: list[int], batch_size: int, shot: int,
-                 generator: torch.Generator) -> list[tuple[Tensor, Tensor]]:
+def pair_batches(labels: Tensor, classes: list[int], batch_size: int, shot: int, generator: torch.Generator,
+                 queries_per_class: int | None = None) -> list[tuple[Tensor, Tensor]]:
     """One epoch of training batches (datasets/mvtec.py `shuffle_dataset` L78-156, DataLoader shuffle).
 
     Each class's images are shuffled and cut into batches of `batch_size` queries; each query gets
     `shot` supports drawn uniformly, with replacement, from the other images of its class; the
     batches of all classes are then shuffled together.
     Parameters: labels: (N,) class index of each image; classes: the classes to train on (each
-    with >= 2 images); generator: the epoch's.
+    with >= 2 images); generator: the epoch's; queries_per_class: keep only the first that many of
+    each class's shuffled images as queries (None: all, as the official code).
     Returns: [(query indices (b,), support indices (b, shot))] into the N images.
     """
     batches = []
     for k in classes:
         members = (labels == k).nonzero().flatten()  # (n,)
-        order = torch.randperm(len(members), generator=generator)  # positions in members
+        order = torch.randperm(len(members), generator=generator)[:queries_per_class]  # positions in members
         for start in range(0, len(order), batch_size):
             chosen = order[start:start + batch_size]  # (b,)
             picks = torch.randint(0, len(members) - 1, (len(chosen), shot), generator=generator)
