@@ -33,7 +33,7 @@ from baselines.regad.scoring import (
     gaussian_blur,
     mahalanobis_map,
 )
-from baselines.regad.stages import BACKBONES, Stages, backbone_stages
+from baselines.regad.stages import BACKBONES, Stages, backbone_stages, known_backbone
 from ltbench import distributed
 from ltbench.detector import IMAGE_SIZE, Prediction, TorchDetector, TrainSet
 from ltbench.errors import ConfigError, DetectorError
@@ -49,7 +49,7 @@ class RegADConfig:
     """Configuration of the RegAD baseline; defaults are the official ones (train.py / test.py argparse) unless noted."""
 
     # network
-    backbone: str = "lite"  # trainable backbone cut at strides 4/8/16 (baselines.regad.stages); official ResNet-18
+    backbone: str = "resnet18"  # trainable backbone cut at strides 4/8/16 (baselines.regad.stages): ResNet-18 (stn.py L277-285)
     normalize_input: bool = False  # normalise images for the backbone; official: no (datasets/mvtec.py L37, commented out)
     # training (train.py L28-38, L70-72, L317-322)
     shot: int = 2  # K: supports per training query and support images per class at test (--shot 2; LTAD paper Sec. 6)
@@ -66,7 +66,7 @@ class RegADConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.backbone not in BACKBONES:
+        if not known_backbone(self.backbone):
             problems.append(f"backbone must be one of {', '.join(BACKBONES)}; got {self.backbone!r}")
         if self.shot < 1 or self.epochs < 1 or self.batch_size < 1 or self.support_draws < 1:
             problems.append("shot, epochs, batch_size and support_draws must be >= 1")
@@ -97,6 +97,7 @@ class RegAD(TorchDetector):
     Config: ClassVar[type] = RegADConfig
     Meta: ClassVar[type] = RegADMeta
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "paper": {"backbone": "resnet18", "epochs": 50, "support_draws": 10},  # the official recipe
         # a CPU run on synth/* in minutes: a fine-tuned Lite0 costs ~1 CPU-s per image and step, so each
         # epoch trains on 8 queries per class; one support draw per class
         "quick": {"backbone": "lite", "epochs": 2, "queries_per_class": 8, "support_draws": 1},

