@@ -88,7 +88,7 @@ class RegADMeta:
     class_counts: tuple[int, ...]  # training images per class
     stage_channels: tuple[int, ...]  # channels of the three stages (their sum is the Gaussian's dimension)
     map_sizes: tuple[int, ...]  # side of each stage's map at 224 input
-    unscorable: dict[str, str]  # class name → why it cannot be scored (fewer training images than `shot`)
+    unscorable_classes: dict[str, str]  # class name → why it cannot be scored (fewer training images than `shot`)
 
 
 class RegAD(TorchDetector):
@@ -110,10 +110,13 @@ class RegAD(TorchDetector):
 
     @property
     def unscorable_classes_(self) -> dict[str, str]:
-        """Classes this model cannot score (class name → one-line reason); set by `fit` and `load`."""
-        if not hasattr(self, "meta_"):
-            raise AttributeError("unscorable_classes_ is known after fit() or load()")
-        return dict(self.meta_.unscorable)
+        """Class name → why this model cannot score it (from `meta_`, so after `fit` and `load`; {} before).
+
+        The same property as `TorchDetector.unscorable_classes_` of the contract change on branch
+        `cutpaste`; once that is on main this one goes.
+        """
+        meta = self.__dict__.get("meta_")
+        return dict(getattr(meta, "unscorable_classes", None) or {})
 
     # ------------------------------------------------------------------ network
 
@@ -163,7 +166,8 @@ class RegAD(TorchDetector):
         torch.manual_seed(c.seed)
         stages = backbone_stages(c.backbone, pretrained=True)
         meta = RegADMeta(class_names=names, class_counts=tuple(counts), stage_channels=tuple(stages.channels),
-                         map_sizes=tuple(IMAGE_SIZE // stride for stride in stages.strides), unscorable=unscorable)
+                         map_sizes=tuple(IMAGE_SIZE // stride for stride in stages.strides),
+                         unscorable_classes=unscorable)
         module = self._network(meta, stages)
         module = module.to(device)
         module.support_images.copy_(self._support_draws(images, labels, meta))
@@ -177,7 +181,7 @@ class RegAD(TorchDetector):
         c = self.config
         out = torch.zeros(len(meta.class_names), c.support_draws, c.shot, *images.shape[1:], dtype=torch.uint8)
         for k, name in enumerate(meta.class_names):
-            if name in meta.unscorable:
+            if name in meta.unscorable_classes:
                 continue
             members = (labels == k).nonzero().flatten()
             for draw in range(c.support_draws):
@@ -249,8 +253,8 @@ class RegAD(TorchDetector):
         self.module_.eval()
         for k in class_idx.unique().tolist():
             name = self.meta_.class_names[k]
-            if name in self.meta_.unscorable:
-                raise DetectorError(f"RegAD cannot score class {name!r}: {self.meta_.unscorable[name]}")
+            if name in self.meta_.unscorable_classes:
+                raise DetectorError(f"RegAD cannot score class {name!r}: {self.meta_.unscorable_classes[name]}")
         embeddings = self._features(images.to(device))  # (B, C, P)
         side = self.meta_.map_sizes[0]
         maps = torch.empty(len(images), IMAGE_SIZE, IMAGE_SIZE)
