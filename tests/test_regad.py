@@ -184,12 +184,21 @@ def test_regad_passes_the_detector_conformance_check(tmp_path):
 
 def test_a_class_with_one_training_image_is_unscorable_and_fit_does_not_hang(tmp_path):
     train = tiny_train_set(tmp_path, per_class=(3, 1))
-    detector = RegAD(RegADConfig(**TINY)).fit(train)
+    detector = RegAD(RegADConfig(**{**TINY, "support_draws": 1})).fit(train)
     reason = "1 training image; RegAD needs 2 support images"
     assert detector.unscorable_classes_ == {"class1": reason}
     normal = train.images[:2]
     prediction = detector.predict(normal, torch.tensor([0, 0]))
     assert prediction.anomaly_maps.shape == (2, 224, 224)
+    # fresh normals of class 0 against one with a bright square: the defect scores higher, and its map peaks there
+    fresh, fresh_labels = pattern_images(2, 3, seed=7)
+    fresh = fresh[fresh_labels == 0]
+    defect = fresh[:1].clone()
+    defect[:, :, 150:190, 40:80] = 1.0
+    scored = detector.predict(torch.cat([fresh, defect]), torch.zeros(4, dtype=torch.int64))
+    assert scored.image_scores[3] > scored.image_scores[:3].max()
+    peak = int(scored.anomaly_maps[3].argmax())
+    assert 140 <= peak // 224 < 200 and 30 <= peak % 224 < 90, divmod(peak, 224)
     with pytest.raises(DetectorError, match="class1"):
         detector.predict(train.images[3:], torch.tensor([1]))
     detector.save(tmp_path / "model")
