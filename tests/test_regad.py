@@ -30,7 +30,7 @@ from baselines.regad.stages import backbone_stages
 from ltbench.errors import ConfigError, DetectorError
 from ltbench.testing import TensorTrainSet, check_detector, pattern_images
 
-TINY = {"backbone": "tiny", "epochs": 1, "batch_size": 4, "support_draws": 2}
+TINY = {"backbone": "tiny", "epochs": 1, "batch_size": 4, "support_draws": 1}
 
 
 def smooth_map(channels: int = 3, size: int = 28) -> torch.Tensor:
@@ -184,7 +184,7 @@ def test_regad_passes_the_detector_conformance_check(tmp_path):
 
 def test_a_class_with_one_training_image_is_unscorable_and_fit_does_not_hang(tmp_path):
     train = tiny_train_set(tmp_path, per_class=(3, 1))
-    detector = RegAD(RegADConfig(**{**TINY, "support_draws": 1})).fit(train)
+    detector = RegAD(RegADConfig(**TINY)).fit(train)
     reason = "1 training image; RegAD needs 2 support images"
     assert detector.unscorable_classes_ == {"class1": reason}
     normal = train.images[:2]
