@@ -35,10 +35,11 @@ import numpy as np
 from ltbench.datasets import DATASETS, Catalog, dataset_module, layout_of, open_catalog, resolve_root
 from ltbench.errors import LTBenchError, SplitError
 from ltbench.io import atomic_path, sha256_bytes, write_json
+from ltbench.resources import pinned_splits_dir
 
 RECIPE_VERSION = 1
 PROFILES = ("exp", "step")
-PINNED_DIR = Path(__file__).resolve().parent.parent / "splits"
+PINNED_DIR = pinned_splits_dir()  # the checkout's splits/, or the copy inside an installed wheel
 CSV_HEADER = ("class_name", "image", "group")
 PINNED_CONFIGS: dict[str, list[str]] = {  # LTAD paper, Sec. 3 and Table 2; DAGM reversed: Sec. 6, Fig. 8
     "mvtec": ["exp100", "exp200", "step100", "step200"],
@@ -451,10 +452,15 @@ def open_split(name: str | os.PathLike, root: str | os.PathLike | None = None) -
     return manifest.localized(catalog.root), catalog
 
 
+def has_file_list(dataset: str) -> bool:
+    """Whether LTBench ships the official file list of `dataset` (MVTec AD, VisA): its splits need no root."""
+    return hasattr(dataset_module(dataset), "catalog_from_file_list")
+
+
 def source_catalog(dataset: str) -> Catalog:
     """The catalog a pinned split of `dataset` is built from: the shipped file list, or the generated synth set."""
     module = dataset_module(dataset)
-    if hasattr(module, "catalog_from_file_list"):
+    if has_file_list(dataset):
         return module.catalog_from_file_list(Path(dataset))
     if dataset == "synth":
         return module.read_catalog(module.ensure_generated())
