@@ -39,3 +39,7 @@ class BackboneError(LTBenchError):
 
 class DownloadError(LTBenchError):
     """A download failed, did not verify, or an archive is unsafe."""
+
+
+class DependencyError(LTBenchError):
+    """An optional dependency (an extra such as `ltbench[hub]`) is not installed."""
