@@ -139,3 +139,15 @@ def test_installed_wheel_works_from_another_folder(installed, tmp_path):
     assert made.returncode == 0, made.stderr
     assert (tmp_path / "splits-out" / "visa" / "exp200.csv").read_bytes() == \
         (REPO / "splits" / "visa" / "exp200.csv").read_bytes()
+
+
+def test_hub_commands_without_the_hub_extra_say_how_to_install_it(tmp_path):
+    # `datasets` is only in the [hub] extra; None in sys.modules makes its import fail as if it were absent
+    code = ("import sys; sys.modules['datasets'] = None; from ltbench.cli import main; "
+            f"main(['export-hf', '--split', 'mvtec/exp100', '--out', {str(tmp_path / 'out')!r}])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == ("Error: the Hugging Face commands need the package 'datasets': install them "
+                                     "with pip install 'ltbench[hub]'")
+    assert not (tmp_path / "out").exists()
