@@ -47,7 +47,8 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-sp
 tr.group-high td:first-child { border-left: 4px solid #1f77b4; } tr.group-low td:first-child { border-left: 4px solid #ff7f0e; }
 .chart { overflow-x: auto; margin: 8px 0 4px; } .chart svg { max-width: 100%; height: auto; }
 .overlays, .charts { display: flex; flex-wrap: wrap; gap: 10px; }
-figure { margin: 0 0 8px; break-inside: avoid; } figure img { width: 340px; max-width: 100%; border: 1px solid var(--rule); }
+figure { margin: 0 0 8px; width: 340px; max-width: 100%; break-inside: avoid; }
+figure img { width: 100%; border: 1px solid var(--rule); }
 pre { background: var(--band); padding: 8px 10px; overflow-x: auto; white-space: pre-wrap; word-break: break-all; font-size: 12px; }
 .wide { overflow-x: auto; }
 @page { size: A4; margin: 14mm 12mm; }
@@ -55,7 +56,7 @@ pre { background: var(--band); padding: 8px 10px; overflow-x: auto; white-space:
   body { max-width: none; margin: 0; padding: 0; font-size: 10.5pt; }
   h2 { break-after: avoid; } table, figure, .chart { break-inside: avoid; }
   table { font-size: 8.5pt; } th, td { padding: 2px 5px; }
-  .wide, .chart { overflow: visible; } figure img { width: 82mm; }
+  .wide, .chart { overflow: visible; } figure { width: 58mm; }
   a { color: inherit; text-decoration: none; }
 }
 """

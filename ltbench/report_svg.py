@@ -130,7 +130,7 @@ def count_scatter_chart(train_counts: dict[str, int], series: dict[str, dict[str
     (fraction); metric: the value's name for labels ("image AUROC").
     Returns: an `<svg>` element; points of a model are joined in order of training images.
     """
-    width = 520
+    width = 440                                   # two charts side by side on a page
     height = TOP + PLOT_HEIGHT + 44
     low, high = math.log10(max(1, min(train_counts.values()))), math.log10(max(train_counts.values()))
     span = high - low if high > low else 1.0
