@@ -22,7 +22,7 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/python -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ltbench ltad_model baselines tests bench
+	$(VENV)/bin/ruff check ltbench ltad_model baselines tests bench tools
 
 bench: $(STAMP)
 	$(PY) bench/metrics.py

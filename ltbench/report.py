@@ -54,7 +54,7 @@ pre { background: var(--band); padding: 8px 10px; overflow-x: auto; white-space:
 @page { size: A4; margin: 14mm 12mm; }
 @media print {
   body { max-width: none; margin: 0; padding: 0; font-size: 10.5pt; }
-  h2 { break-after: avoid; } table, figure, .chart { break-inside: avoid; }
+  h2, h3 { break-after: avoid; } table, figure, .chart, .keep { break-inside: avoid; }
   table { font-size: 8.5pt; } th, td { padding: 2px 5px; }
   .wide, .chart { overflow: visible; } figure { width: 58mm; }
   a { color: inherit; text-decoration: none; }
@@ -221,7 +221,8 @@ def overlays_section(run: RunFiles, page_dir: Path, embed: bool) -> list[str]:
                       key=lambda p: (rows[p.stem][1]["label"] == "0", rows[p.stem][0]) if p.stem in rows else (True, 0))
         figures = [f'<figure><img src="{image_source(p, page_dir, embed)}" alt="{escape(class_name)}: {escape(p.stem)}">'
                    f"<figcaption>{escape(_overlay_caption(p, rows, len(ranked)))}</figcaption></figure>" for p in pngs]
-        parts += [f"<h3>{escape(class_name)}</h3>", f'<div class="overlays">{"".join(figures)}</div>']
+        parts.append(f'<section class="keep"><h3>{escape(class_name)}</h3><div class="overlays">{"".join(figures)}</div>'
+                     "</section>")
     return parts
 
 
@@ -241,8 +242,9 @@ def config_section(run: RunFiles) -> list[str]:
              ["preset", str(record.get("preset"))], ["seed", str(record["seed"])],
              ["device", str(record.get("device"))], ["started", str(record.get("started"))],
              ["versions", ", ".join(f"{k} {v}" for k, v in record.get("versions", {}).items())]]
-    return ["<h2 id=config>Configuration</h2>", "<h3>Command line to rerun it</h3>",
-            f'<pre class="command">{escape(rerun_command(record))}</pre>',
+    return ["<h2 id=config>Configuration</h2>",
+            (f'<section class="keep"><h3>Command line to rerun it</h3><pre class="command">{escape(rerun_command(record))}'
+            "</pre></section>"),
             html_table(["setting", "value"], facts, numeric_from=99), "<h3>Detector config</h3>",
             f'<pre class="config">{escape(json.dumps(record["config"], indent=2))}</pre>']
 

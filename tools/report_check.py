@@ -116,7 +116,7 @@ def main() -> None:
         run_page = result.run_dir / "report.html"
         folder_page, _ = write_runs_report(runs, with_paper=True)
         print(f"report-check: {Path(browser).name}, "
-              f"{subprocess.run([browser, '--version'], capture_output=True, text=True).stdout.strip()}")
+              f"{subprocess.run([browser, '--version'], capture_output=True, text=True, check=False).stdout.strip()}")
         problems = check_page(browser, run_page, "run-report", args.out, 7000)
         problems += check_page(browser, folder_page, "runs-report", args.out, 2400)
     for problem in problems:
