@@ -43,3 +43,7 @@ class DownloadError(LTBenchError):
 
 class DependencyError(LTBenchError):
     """An optional dependency (an extra such as `ltbench[hub]`) is not installed."""
+
+
+class WeightsMismatchError(BackboneError):
+    """A weights file's keys or shapes do not fit the network it is loaded into."""

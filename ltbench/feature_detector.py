@@ -169,7 +169,8 @@ class FeatureDetector(TorchDetector, abc.ABC):
         num_classes = len(self.meta_.class_names)
         if len(class_idx) and (int(class_idx.min()) < 0 or int(class_idx.max()) >= num_classes):
             raise DetectorError(f"{name}.predict: class_idx must lie in [0, {num_classes}) (the training split's classes)")
-        return next(self.module_.parameters()).device
+        tensors = [*self.module_.parameters(), *self.module_.buffers()]  # a memory bank has buffers only
+        return tensors[0].device if tensors else torch.device("cpu")
 
     # ------------------------------------------------------------------ persistence
 
