@@ -32,7 +32,7 @@ bench: $(STAMP)
 report-check: $(STAMP)
 	command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null || \
 		apt-get install -y chromium-headless-shell
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TQDM_DISABLE=1 $(PY) tools/report_check.py --out report-check
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) tools/report_check.py --out report-check
 
 clean:
 	rm -rf $(VENV) build dist report-check *.egg-info

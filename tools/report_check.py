@@ -92,10 +92,11 @@ def check_page(browser: str, page: Path, name: str, out: Path, height: int) -> l
     if white > 0.985:
         problems.append(f"the screenshot is blank ({100 * white:.1f}% white)")
     pages, sizes = pdf_pages(pdf)
-    if pages == 0 or any(abs(w - A4_POINTS[0]) > 2 or abs(h - A4_POINTS[1]) > 2 for w, h in sizes):
+    a4 = pages > 0 and all(abs(w - A4_POINTS[0]) <= 2 and abs(h - A4_POINTS[1]) <= 2 for w, h in sizes)
+    if not a4:
         problems.append(f"the PDF is not A4 pages: {pages} pages, sizes {sorted(set(sizes))}")
     print(f"{name}: {page.stat().st_size / 1024:.0f} KiB; {summary[0][len('report-check: '):] if summary else '?'}; "
-          f"screenshot {png} ({100 * (1 - white):.1f}% non-white); PDF {pdf}: {pages} A4 pages")
+          f"screenshot {png} ({100 * (1 - white):.1f}% non-white); PDF {pdf}: {pages} {'A4 ' if a4 else ''}pages")
     return problems
 
 
@@ -111,7 +112,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ltbench-report-check-") as work:
         runs = Path(work) / "runs"
         result = run(RunOptions(model="tests.mean_detector:MeanDetector", split="synth/exp100", out=runs,
-                                device="cpu", command="ltbench run --model tests.mean_detector:MeanDetector"),
+                                device="cpu", progress=False, command="ltbench run --model tests.mean_detector:MeanDetector"),
                      report=lambda line: print(line, file=sys.stderr))
         run_page = result.run_dir / "report.html"
         folder_page, _ = write_runs_report(runs, with_paper=True)
