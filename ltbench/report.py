@@ -28,7 +28,7 @@ from ltbench.leaderboard import MISSING, Table, build_leaderboard, collect_runs,
 from ltbench.metrics import _COLUMN_TITLES as METRIC_TITLES
 from ltbench.metrics import _SUMMARY_COLUMNS as SUMMARY_COLUMNS
 from ltbench.report_svg import class_bar_chart, count_scatter_chart
-from ltbench.runner import CONFIG_FILE, MAPS_DIR, METRICS_FILE, SCORES_FILE, read_run_record
+from ltbench.rundir import CONFIG_FILE, MAPS_DIR, METRICS_FILE, SCORES_FILE, read_run_record
 
 REPORT_FILE = "report.html"
 GROUP_TITLES = {"all": "All", "high": "High (majority)", "low": "Low (minority)"}
