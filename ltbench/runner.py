@@ -9,12 +9,14 @@ CLI supplies, and tqdm bars; it never prints.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import platform
 import random
 import shlex
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from importlib import metadata
@@ -316,7 +318,8 @@ def run(options: RunOptions, report: Reporter | None = None) -> RunResult:
     log(f"Command: {options.command}", echo=False)
 
     try:
-        evaluation = _train_predict_evaluate(plan, options, log)
+        with model_messages(log):
+            evaluation = _train_predict_evaluate(plan, options, log)
     except BaseException as exc:
         if not main:
             raise
@@ -348,6 +351,31 @@ def run(options: RunOptions, report: Reporter | None = None) -> RunResult:
         distributed.barrier()
         distributed.cleanup()
     return RunResult(run_dir=plan.final, evaluation=evaluation, record=plan.record)
+
+
+MODEL_LOGGER = "ltbench.model"  # detectors log training diagnostics here; the run copies them into log.txt
+
+
+@contextlib.contextmanager
+def model_messages(log: RunLog) -> Iterator[None]:
+    """Copy what detectors log to `ltbench.model` (INFO and above) into the run's log, warnings marked."""
+
+    class ToRunLog(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            prefix = "Warning: " if record.levelno >= logging.WARNING else ""
+            log(prefix + record.getMessage())
+
+    logger = logging.getLogger(MODEL_LOGGER)
+    handler, level, propagate = ToRunLog(logging.INFO), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # shown once, through the run's log, not again by Python's last-resort handler
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _train_predict_evaluate(plan: _Plan, options: RunOptions, log: RunLog) -> Any:
@@ -426,7 +454,8 @@ def _train_predict_evaluate(plan: _Plan, options: RunOptions, log: RunLog) -> An
     evaluation = metrics.evaluate(manifest, records, final_scores, anomaly_maps, masks)
     for warning in evaluation.warnings:
         log(f"Warning: {warning}")
-    write_results(plan.partial, evaluation, spec.name, manifest.name, records, final_scores)
+    write_results(plan.partial, evaluation, spec.name, manifest.name, records, final_scores,
+                  diagnostics=getattr(detector, "diagnostics_", None))
     written = write_overlays(plan.partial, catalog, manifest.class_order, records, final_scores, anomaly_maps,
                              masks, options.overlays_per_class)
     log(f"Wrote metrics, per-class table, {len(records)} image scores and {written} overlays")
