@@ -60,7 +60,14 @@ def rank_step(rank: int, store_file: str, out_dir: str) -> None:
 
 
 def test_two_ranks_reach_the_weights_of_one_process_on_the_combined_batch(tmp_path):
-    context = multiprocessing.get_context("spawn")  # a clean interpreter per rank, as torchrun gives
+    # the references first: an optimizer's first step imports much of torch, better once here than in each rank
+    inputs, targets = batch()
+    combined = one_step(inputs, targets, lambda parameters: None).state_dict()
+    alone = one_step(inputs[:BATCH // 2], targets[:BATCH // 2], lambda parameters: None).state_dict()
+    start = fresh_linear().state_dict()
+    # fork: the ranks start from this interpreter's imports (a spawned one re-imports torch, seconds per rank);
+    # each rank builds its own process group, as under torchrun
+    context = multiprocessing.get_context("fork")
     processes = [context.Process(target=rank_step, args=(rank, str(tmp_path / "store"), str(tmp_path)))
                  for rank in range(2)]
     for process in processes:
@@ -69,10 +76,6 @@ def test_two_ranks_reach_the_weights_of_one_process_on_the_combined_batch(tmp_pa
         process.join(timeout=120)
     assert [p.exitcode for p in processes] == [0, 0]
 
-    inputs, targets = batch()
-    combined = one_step(inputs, targets, lambda parameters: None).state_dict()
-    alone = one_step(inputs[:BATCH // 2], targets[:BATCH // 2], lambda parameters: None).state_dict()
-    start = fresh_linear().state_dict()
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for name, expected in combined.items():
         # the step matters and the halves disagree: without averaging, rank 0 would end elsewhere
