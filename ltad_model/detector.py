@@ -12,8 +12,8 @@ The spec, with every choice the paper leaves open, is `ltad_model/README.md`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from baselines.uniad.model import feature_jitter
 from ltad_model.model import (
     FeatureLayout,
     LTADNetwork,
@@ -38,28 +37,28 @@ from ltad_model.model import (
 )
 from ltbench import distributed
 from ltbench.detector import (
-    IMAGE_SIZE,
     Prediction,
-    TorchDetector,
     TrainSet,
-    check_backbone_digest,
-    config_to_dict,
-    load_training_state,
     make_config,
+    prediction_from_maps,
+    read_meta,
     read_saved_model,
-    save_training_state,
 )
 from ltbench.errors import ConfigError, DetectorError
-from ltbench.feature_cache import FeatureCache, as_stored
+from ltbench.feature_cache import as_stored
+from ltbench.feature_detector import (
+    FeatureDetector,
+    FeatureMeta,
+    TrainingFeatures,
+    grid_to_image,
+    patch_tokens,
+)
+from ltbench.reconstruction import feature_jitter, transformer_problems
+from ltbench.training import EpochBatches, TrainingProgress, adamw_step_decay, epoch_seed, optimizer_step
 
-ENCODE_BATCH = 32  # images per backbone call when caching the training features
 LAMBDA_SAMPLE_IMAGES = 256  # training images the λ rule looks at (the first ones, in split order)
 # λ of Eq. 5 in the paper (Sec. 6, "Training details"), keyed by the paper dataset whose classes they are
 PAPER_LAMBDA = {"mvtec": 500.0, "visa": 400.0, "dagm": 300.0}
-META_KEYS = (
-    "backbone", "backbone_digest", "feature_layers", "feature_channels", "map_sizes", "embed_dim",
-    "text_dim", "token_dim", "class_names", "class_counts", "name_length", "grid", "lambda_sem", "lambda_rule",
-)
 
 
 @dataclass(frozen=True)
@@ -138,15 +137,8 @@ class LTADConfig:
             problems.append(f"jitter_scale must be >= 0, got {self.jitter_scale}")
         if not (self.use_rm or self.use_sad):
             problems.append("use_rm and use_sad cannot both be False: nothing would score anomalies")
-        if self.rm_hidden < 2 or self.rm_hidden % 2 or self.rm_heads < 1 or self.rm_hidden % self.rm_heads:
-            problems.append(f"rm_hidden ({self.rm_hidden}) must be even and divisible by rm_heads ({self.rm_heads})")
-        if self.rm_encoder_layers < 0 or self.rm_decoder_layers < 1 or self.rm_feedforward < 1:
-            problems.append("rm_encoder_layers must be >= 0, rm_decoder_layers and rm_feedforward >= 1")
-        if not 0.0 <= self.rm_dropout < 1.0:
-            problems.append(f"rm_dropout must be in [0, 1), got {self.rm_dropout}")
-        if self.rm_neighbor_size < 0 or (self.rm_neighbor_size and (self.rm_neighbor_size % 2 == 0
-                                                                     or self.rm_neighbor_size >= self.grid)):
-            problems.append(f"rm_neighbor_size must be 0 (no mask) or odd and < grid ({self.grid})")
+        problems += transformer_problems(self.rm_hidden, self.rm_heads, self.rm_encoder_layers, self.rm_decoder_layers,
+                                         self.rm_feedforward, self.rm_dropout, self.rm_neighbor_size, self.grid, "rm_")
         if not self.normal_prompts or not self.anomaly_prompts:
             problems.append("normal_prompts and anomaly_prompts need at least one prompt each (e.g. 'a', 'a broken')")
         if self.temperature <= 0:
@@ -170,19 +162,27 @@ class LTADWithoutSADConfig(LTADConfig):
     use_sad: bool = False  # the only difference from LTADConfig
 
 
-@dataclass
-class TrainingFeatures:
-    """The frozen encoder's output for the training set, held on the CPU in float16."""
+@dataclass(frozen=True)
+class LTADMeta(FeatureMeta):
+    """What LTAD learns about its data and encoders in `fit` (saved in config.json); it sizes the network."""
 
-    maps: list[Tensor]  # per layer (M, C_l, H_l, W_l), shallow to deep
-    embeddings: Tensor  # (M, embed_dim), z
-    class_idx: Tensor  # (M,) int64
+    feature_channels: tuple[int, ...]  # C_l of the L−1 maps, shallow to deep
+    map_sizes: tuple[tuple[int, int], ...]  # (H_l, W_l) of the maps
+    embed_dim: int  # size of the image embedding z
+    text_dim: int  # size of T's output
+    token_dim: int  # size of T's word embeddings (the space of s_c)
+    class_counts: tuple[int, ...]  # training images per class (over all ranks)
+    name_length: int  # K', tokens per s_c
+    grid: int  # patch-token grid side
+    lambda_sem: float | None  # λ of Eq. 5 (None: one score only)
+    lambda_rule: str | None  # where λ came from: config, paper (dataset) or training range
 
 
-class LTAD(TorchDetector):
+class LTAD(FeatureDetector):
     """LTAD (Ho, Peng, Vasconcelos, CVPR 2024): reconstruction + semantic AD with learned pseudo class names."""
 
     Config: ClassVar[type] = LTADConfig
+    Meta: ClassVar[type] = LTADMeta
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # the paper's schedule (Sec. 6) on ALIGN
         "paper": {"backbone": "align", "epochs_phase1": 100, "epochs_phase2": 500},
@@ -193,134 +193,65 @@ class LTAD(TorchDetector):
                   "rm_dropout": 0.0},
     }
 
-    def __init__(self, config: LTADConfig | None = None):
-        super().__init__(config)
-        self._backbone = None  # frozen E and T, created on first use (not learned, not saved)
-
     # ------------------------------------------------------------------ module and features
 
-    def build_module(self, meta: dict[str, Any]) -> nn.Module:
-        """The learnable network sized by `meta` (see META_KEYS)."""
-        if set(meta) != set(META_KEYS):
-            raise DetectorError(f"LTAD meta must hold exactly {sorted(META_KEYS)}; found {sorted(meta)}")
+    def build_module(self, meta: LTADMeta) -> nn.Module:
+        """The learnable network sized by `meta`."""
         return LTADNetwork(self._layout(meta), self.config)
 
-    def _layout(self, meta: dict[str, Any]) -> FeatureLayout:
+    def _layout(self, meta: LTADMeta) -> FeatureLayout:
         return FeatureLayout(
-            channels=tuple(meta["feature_channels"]), map_sizes=tuple(tuple(s) for s in meta["map_sizes"]),
-            embed_dim=meta["embed_dim"], text_dim=meta["text_dim"], token_dim=meta["token_dim"],
-            num_classes=len(meta["class_names"]), name_length=meta["name_length"], grid=meta["grid"],
+            channels=tuple(meta.feature_channels), map_sizes=tuple(tuple(s) for s in meta.map_sizes),
+            embed_dim=meta.embed_dim, text_dim=meta.text_dim, token_dim=meta.token_dim,
+            num_classes=len(meta.class_names), name_length=meta.name_length, grid=meta.grid,
         )
-
-    def _backbone_on(self, device: torch.device):
-        from ltbench.backbones import create
-
-        if self._backbone is None or not _same_device(self._backbone.image.device, torch.device(device)):
-            self._backbone = create(self.config.backbone, device=device)
-        return self._backbone
 
     def _tokens(self, maps: list[Tensor]) -> Tensor:
         """The L−1 maps → patch tokens p (B, N, ΣC_l) on the grid, in layer order (N = grid², row-major)."""
-        from ltbench.backbones import to_patch_tokens
-
-        named = OrderedDict((str(index), m) for index, m in enumerate(maps))
-        grid_features = to_patch_tokens(named, grid=self.config.grid)  # (B, ΣC_l, g, g)
-        return grid_features.flatten(2).transpose(1, 2).contiguous()  # (B, N, ΣC_l)
-
-    def _training_features(self, train: TrainSet, encoder) -> TrainingFeatures:
-        """Encode every training image once through the feature cache."""
-        cache = FeatureCache()
-        maps: list[list[Tensor]] = []
-        embeddings, labels = [], []
-        bar = tqdm(total=len(train), desc="ltad features", unit="img", leave=False, disable=not distributed.info().is_main)
-        for images, class_idx in train.batches(ENCODE_BATCH, shuffle=False):
-            features = cache.encode(encoder, images.to(train.device))
-            maps.append([m.to("cpu", torch.float16) for m in features.maps.values()])
-            embeddings.append(features.embedding.to("cpu", torch.float16))
-            labels.append(class_idx.to("cpu", torch.int64))
-            bar.update(len(images))
-        bar.close()
-        if not labels:
-            raise DetectorError("the training set is empty; LTAD needs at least one normal image")
-        per_layer = [torch.cat(layer) for layer in zip(*maps)]
-        return TrainingFeatures(per_layer, torch.cat(embeddings), torch.cat(labels))
+        return patch_tokens(maps, self.config.grid)
 
     # ------------------------------------------------------------------ training
 
-    def fit(self, train: TrainSet) -> LTAD:
-        """Run phase 1 and phase 2 on the normal images of `train` (resuming from its checkpoint folder); returns self."""
+    def learn(self, train: TrainSet, device: torch.device) -> tuple[nn.Module, LTADMeta]:
+        """Run phase 1 and phase 2 on the normal images of `train` (resuming from its checkpoint folder)."""
         c = self.config
-        device = torch.device(train.device)
         class_names = list(train.class_names)
         if c.shuffle_names_at_test and len(class_names) < 2:
             raise DetectorError("shuffle_names_at_test needs at least 2 classes to give each class another's name")
-        backbone = self._backbone_on(device)
+        backbone = self.backbone(device)
         encoder, text = backbone.image, backbone.text
-        data = self._training_features(train, encoder)
-        if int(data.class_idx.min()) < 0 or int(data.class_idx.max()) >= len(class_names):
-            raise DetectorError(f"training class_idx must lie in [0, {len(class_names)}); the TrainSet is inconsistent")
+        data = self.encode_training_set(train)  # every rank's images on every rank
         names = initial_names(text, class_names, c.name_init, c.name_length, c.seed)  # (C, K, token_dim)
-        meta = {
-            "backbone": c.backbone, "backbone_digest": encoder.digest, "feature_layers": list(encoder.layer_names),
-            "feature_channels": [int(m.shape[1]) for m in data.maps],
-            "map_sizes": [[int(m.shape[2]), int(m.shape[3])] for m in data.maps],
-            "embed_dim": int(data.embeddings.shape[1]), "text_dim": int(text.dim), "token_dim": int(text.token_dim),
-            "class_names": class_names,
-            # over all ranks when training is distributed (each rank holds a shard of the training set)
-            "class_counts": distributed.all_reduce_sum(torch.bincount(data.class_idx, minlength=len(class_names))).tolist(),
-            "name_length": int(names.shape[1]), "grid": c.grid, "lambda_sem": None, "lambda_rule": None,
-        }
-        checkpoint_dir = Path(train.checkpoint_dir)
-        devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # seed locally, leave the caller's RNG as it was
-            torch.manual_seed(c.seed)
-            network = self.build_module(meta).to(device)
-            with torch.no_grad():
-                network.names.copy_(names)
-            state = load_training_state(checkpoint_dir)
-            if state is not None:
-                self._restore_network(state, network, meta, checkpoint_dir)
-            self.loss_history_ = {"phase1": [], "phase2": []}
-            self._phase1(network, data, text, device, checkpoint_dir, meta, state)
-            self._phase2(network, data, text, device, checkpoint_dir, meta, state)
-            network.eval()
-            # rank 0's λ everywhere, so that every rank predicts with the saved model's λ
-            meta["lambda_sem"], meta["lambda_rule"] = distributed.broadcast(
-                self._lambda(network, data, device, class_names))
-        self.module_, self.meta_ = network, meta
-        return self
-
-    def _epoch_seed(self, phase: int, epoch: int) -> int:
-        """Each epoch's own seed: a resumed run replays exactly what an uninterrupted one draws."""
-        return (self.config.seed * 1_000_003 + phase * 100_003 + epoch) % (2**63)
-
-    def _batches(self, count: int, generator: torch.Generator) -> list[Tensor]:
-        order = torch.randperm(count, generator=generator)
-        return list(order.split(self.config.batch_size))
+        meta = LTADMeta(
+            backbone=c.backbone, backbone_digest=encoder.digest, feature_layers=tuple(encoder.layer_names),
+            class_names=tuple(class_names), feature_channels=tuple(int(m.shape[1]) for m in data.maps),
+            map_sizes=tuple((int(m.shape[2]), int(m.shape[3])) for m in data.maps),
+            embed_dim=int(data.embeddings.shape[1]), text_dim=int(text.dim), token_dim=int(text.token_dim),
+            class_counts=tuple(torch.bincount(data.class_idx, minlength=len(class_names)).tolist()),
+            name_length=int(names.shape[1]), grid=c.grid, lambda_sem=None, lambda_rule=None,
+        )
+        torch.manual_seed(c.seed)
+        network = self.build_module(meta).to(device)
+        with torch.no_grad():
+            network.names.copy_(names)
+        progress = self.progress(train, meta)
+        state = progress.peek()
+        if state is not None:
+            TrainingProgress.load_into(state, {"model": network})
+        self.loss_history_ = {"phase1": [], "phase2": []}
+        self._phase1(network, data, text, device, progress, state)
+        self._phase2(network, data, text, device, progress, state)
+        network.eval()
+        lambda_sem, lambda_rule = self._lambda(network, data, device, class_names)
+        return network, dataclasses.replace(meta, lambda_sem=lambda_sem, lambda_rule=lambda_rule)
 
     def _optimizer(self, parts: list[list[nn.Parameter]], decay: list[bool], epochs: int):
         c = self.config
         groups = [{"params": params, "weight_decay": c.weight_decay if d else 0.0} for params, d in zip(parts, decay)]
-        optimizer = torch.optim.AdamW(groups, lr=c.lr, betas=(0.9, 0.999))
-        step = max(1, round(c.lr_drop_at * epochs))
-        return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=step, gamma=c.lr_drop_factor)
-
-    def _step(self, optimizer: torch.optim.Optimizer, loss: Tensor, parts: list[list[nn.Parameter]]) -> None:
-        """One optimiser step: backward, gradients averaged over ranks (no-op in one process), per-part clipping."""
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        distributed.average_gradients(p for params in parts for p in params)
-        self._clip(parts)
-        optimizer.step()
-
-    def _clip(self, parts: list[list[nn.Parameter]]) -> None:
-        """Clip each learned part on its own, so parts trained by separate losses stay independent."""
-        if self.config.grad_clip is not None:
-            for params in parts:
-                nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        return adamw_step_decay(groups, c.lr, c.weight_decay, epochs, c.lr_drop_at, c.lr_drop_factor)
 
     def _phase1(self, network: LTADNetwork, data: TrainingFeatures, text, device: torch.device,
-                checkpoint_dir: Path, meta: dict[str, Any], state: dict[str, Any] | None) -> None:
+                progress: TrainingProgress, state: dict[str, Any] | None) -> None:
         """Phase 1 (Eq. 6): learn F_μ, F_σ, D and s_c by reconstructing the real maps from ẑ ⊕ T(s_c)."""
         c = self.config
         if state is not None and state["phase"] == 2:
@@ -334,8 +265,7 @@ class LTAD(TorchDetector):
         optimizer, scheduler = self._optimizer(parts, decay, c.epochs_phase1)
         start = 0
         if state is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            TrainingProgress.load_into(state, {"optimizer": optimizer, "scheduler": scheduler})
             start = state["epoch"]
             self.loss_history_ = {k: list(v) for k, v in state["losses"].items()}
         fixed_text = None if c.learn_names else self._class_text(text, network.names).detach()  # (C, d)
@@ -343,12 +273,14 @@ class LTAD(TorchDetector):
         bar = tqdm(range(start, c.epochs_phase1), initial=start, total=c.epochs_phase1, desc="ltad phase 1", unit="epoch",
                    disable=not distributed.info().is_main)
         for epoch in bar:
-            seed = self._epoch_seed(1, epoch)
+            seed = epoch_seed(c.seed, epoch, phase=1)
             torch.manual_seed(seed)
-            generator = torch.Generator().manual_seed(_rank_seed(seed))  # batch order and ẑ noise
+            batches = EpochBatches(len(data), c.batch_size, seed)  # batch order; batches.noise: ẑ noise
+            generator = batches.noise
             network.train()
             total = 0.0
-            for chosen in self._batches(len(data.class_idx), generator):
+            for batch in batches:
+                chosen = batch.indices
                 real = [m[chosen].to(device, torch.float32) for m in data.maps]  # [(B, C_l, H_l, W_l)]
                 z = data.embeddings[chosen].to(device, torch.float32)  # (B, embed_dim)
                 class_idx = data.class_idx[chosen].to(device)  # (B,)
@@ -361,12 +293,12 @@ class LTAD(TorchDetector):
                 loss = feature_reconstruction_loss(synthetic, real)
                 if log_variance is not None:
                     loss = loss + c.kl_weight * kl_to_standard_normal(mean, log_variance)
-                self._step(optimizer, loss, clip_parts)
+                optimizer_step(optimizer, loss * batch.weight, clip_parts, c.grad_clip)
                 total += loss.item() * len(chosen)
             scheduler.step()
-            self.loss_history_["phase1"].append(total / len(data.class_idx))
+            self.loss_history_["phase1"].append(_epoch_mean(total, len(data)))
             bar.set_postfix(loss=f"{self.loss_history_['phase1'][-1]:.4f}")
-            self._save_state(checkpoint_dir, 1, epoch + 1, network, optimizer, scheduler, meta)
+            self._save_state(progress, 1, epoch + 1, network, optimizer, scheduler)
         bar.close()
         network.names.requires_grad_(False)
 
@@ -405,7 +337,7 @@ class LTAD(TorchDetector):
         network.text_anomaly.copy_(combine_prompt_embeddings(anomaly, c.normalize_text))
 
     def _phase2(self, network: LTADNetwork, data: TrainingFeatures, text, device: torch.device,
-                checkpoint_dir: Path, meta: dict[str, Any], state: dict[str, Any] | None) -> None:
+                progress: TrainingProgress, state: dict[str, Any] | None) -> None:
         """Phase 2 (Eq. 7–8): learn Π and Φ_l on real/synthetic patches and their jittered pseudo-anomalies."""
         c = self.config
         network.names.requires_grad_(False)  # s_c, E and T are frozen in phase 2 (Sec. 5.3)
@@ -423,23 +355,24 @@ class LTAD(TorchDetector):
         optimizer, scheduler = self._optimizer(parts, [True] * len(parts), c.epochs_phase2)
         start = 0
         if state is not None and state["phase"] == 2:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            TrainingProgress.load_into(state, {"optimizer": optimizer, "scheduler": scheduler})
             start = state["epoch"]
             self.loss_history_ = {k: list(v) for k, v in state["losses"].items()}
-        synthetic_probability = self._sampling_probabilities(meta["class_counts"])  # (C,)
+        synthetic_probability = self._sampling_probabilities(
+            torch.bincount(data.class_idx, minlength=len(class_text)).tolist())  # (C,)
         bar = tqdm(range(start, c.epochs_phase2), initial=start, total=c.epochs_phase2, desc="ltad phase 2", unit="epoch",
                    disable=not distributed.info().is_main)
         for epoch in bar:
-            seed = self._epoch_seed(2, epoch)
+            seed = epoch_seed(c.seed, epoch, phase=2)
             torch.manual_seed(seed)  # dropout in Π
-            # batch order, real/synthetic choice, ẑ and jitter noise
-            generator = torch.Generator().manual_seed(_rank_seed(seed))
+            batches = EpochBatches(len(data), c.batch_size, seed)  # batch order
+            generator = batches.noise  # real/synthetic choice, ẑ and jitter noise
             network.train()
             network.latent.eval()
             network.decoder.eval()
             total = 0.0
-            for chosen in self._batches(len(data.class_idx), generator):
+            for batch in batches:
+                chosen = batch.indices
                 class_cpu = data.class_idx[chosen]
                 normal = self._tokens([m[chosen].to(device, torch.float32) for m in data.maps])  # p^n (B, N, ΣC_l)
                 use_synthetic = torch.rand(len(chosen), generator=generator) < synthetic_probability[class_cpu]
@@ -458,12 +391,12 @@ class LTAD(TorchDetector):
                     logits = network.semantic_logits(torch.cat([normal, anomalous]), class_idx.repeat(2), c)  # (2B, N)
                     labels = torch.cat([torch.zeros(len(chosen)), torch.ones(len(chosen))]).to(device)[:, None]
                     loss = loss + F.binary_cross_entropy_with_logits(logits, labels.expand_as(logits))
-                self._step(optimizer, loss, parts)
+                optimizer_step(optimizer, loss * batch.weight, parts, c.grad_clip)
                 total += loss.item() * len(chosen)
             scheduler.step()
-            self.loss_history_["phase2"].append(total / len(data.class_idx))
+            self.loss_history_["phase2"].append(_epoch_mean(total, len(data)))
             bar.set_postfix(loss=f"{self.loss_history_['phase2'][-1]:.4f}")
-            self._save_state(checkpoint_dir, 2, epoch + 1, network, optimizer, scheduler, meta)
+            self._save_state(progress, 2, epoch + 1, network, optimizer, scheduler)
         bar.close()
 
     # ------------------------------------------------------------------ λ of Eq. 5
@@ -485,7 +418,7 @@ class LTAD(TorchDetector):
         dataset = paper_dataset(class_names)
         if dataset is not None:
             return PAPER_LAMBDA[dataset], f"paper ({dataset})"
-        generator = torch.Generator().manual_seed(self._epoch_seed(3, 0))
+        generator = torch.Generator().manual_seed(epoch_seed(c.seed, 0, phase=3))
         count = min(LAMBDA_SAMPLE_IMAGES, len(data.class_idx))
         scores = []
         for chosen in torch.arange(count).split(self.config.batch_size):
@@ -498,79 +431,46 @@ class LTAD(TorchDetector):
 
     # ------------------------------------------------------------------ training state
 
-    def _training_identity(self, meta: dict[str, Any]) -> str:
-        """What a checkpoint must agree on to be resumed: the config and the facts about the data, as JSON."""
-        return json.dumps({"config": config_to_dict(self.config), "meta": meta}, sort_keys=True)
-
-    def _save_state(self, checkpoint_dir: Path, phase: int, epoch: int, network: nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler: Any, meta: dict[str, Any]) -> None:
-        """Keep model, optimizer, scheduler, phase, epoch and losses in `checkpoint_dir`, atomically."""
-        save_training_state(checkpoint_dir, {
-            "ltad": self._training_identity(meta), "phase": phase, "epoch": epoch,
-            "model": {k: v.detach().cpu() for k, v in network.state_dict().items()},
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "losses": {k: list(v) for k, v in self.loss_history_.items()},
-        })
-
-    def _restore_network(self, state: Any, network: nn.Module, meta: dict[str, Any], checkpoint_dir: Path) -> None:
-        if not isinstance(state, dict) or state.get("ltad") != self._training_identity(meta):
-            raise DetectorError(
-                f"the training state in {checkpoint_dir} was written by another model, config or split; "
-                "resume with the same config and split, or use a fresh checkpoint folder"
-            )
-        network.load_state_dict(state["model"], strict=True)
+    def _save_state(self, progress: TrainingProgress, phase: int, epoch: int, network: nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        """Keep model, optimizer, scheduler, phase, epoch and losses in the checkpoint folder, atomically."""
+        progress.save({"model": network, "optimizer": optimizer, "scheduler": scheduler}, phase=phase, epoch=epoch,
+                      losses={k: list(v) for k, v in self.loss_history_.items()})
 
     # ------------------------------------------------------------------ inference
 
     @torch.no_grad()
     def predict(self, images: Tensor, class_idx: Tensor) -> Prediction:
         """Anomaly maps (B, 224, 224) and image scores (B,) for images (B, 3, 224, 224) in [0, 1] of classes class_idx (B,)."""
-        self._check_fitted()
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, IMAGE_SIZE, IMAGE_SIZE):
-            raise DetectorError(f"LTAD.predict expects images (B, 3, {IMAGE_SIZE}, {IMAGE_SIZE}), got {tuple(images.shape)}")
-        if class_idx.shape != images.shape[:1]:
-            raise DetectorError(f"class_idx must have shape ({len(images)},), got {tuple(class_idx.shape)}")
-        num_classes = len(self.meta_["class_names"])
-        if len(class_idx) and (int(class_idx.min()) < 0 or int(class_idx.max()) >= num_classes):
-            raise DetectorError(f"class_idx must lie in [0, {num_classes}) (the training split's classes)")
-        device = next(self.module_.parameters()).device
-        encoder = self._backbone_on(device).image
+        device = self.check_inputs(images, class_idx)
         self.module_.eval()
-        # rounded as the cache stores features, so test features are computed exactly like training ones
-        features = as_stored(encoder.encode_image(images.to(device)))
-        tokens = self._tokens(list(features.maps.values()))  # (B, N, ΣC_l)
-        permutation = derangement(num_classes) if self.config.shuffle_names_at_test else None
-        lambda_sem = self.meta_["lambda_sem"] or 0.0
-        scores = self.module_.patch_scores(tokens, class_idx.to(device), self.config, lambda_sem, permutation)  # (B, N)
-        grid = self.config.grid
-        small = scores.view(-1, 1, grid, grid)  # (B, 1, g, g)
+        tokens = self._test_tokens(images, device)  # (B, N, ΣC_l)
+        lambda_sem = self.meta_.lambda_sem or 0.0
+        scores = self.module_.patch_scores(tokens, class_idx.to(device), self.config, lambda_sem,
+                                           self._test_permutation())  # (B, N)
         # align_corners=True as UniAD's official upsampling (Π and its map are UniAD's)
-        anomaly_maps = F.interpolate(small, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=True)[:, 0]
-        anomaly_maps = anomaly_maps.float().cpu()  # (B, 224, 224)
-        return Prediction(image_scores=image_score_from_map(anomaly_maps), anomaly_maps=anomaly_maps)
+        return prediction_from_maps(grid_to_image(scores, align_corners=True))
+
+    def _test_tokens(self, images: Tensor, device: torch.device) -> Tensor:
+        """Patch tokens of test images, rounded as the cache stores features (so computed exactly like training ones)."""
+        features = as_stored(self.image_encoder(device).encode_image(images.to(device)))
+        return self._tokens(list(features.maps.values()))  # (B, N, ΣC_l)
+
+    def _test_permutation(self) -> Tensor | None:
+        """Tab. 8 expID 8.1: class i uses another class's s_c at test time."""
+        return derangement(len(self.meta_.class_names)) if self.config.shuffle_names_at_test else None
 
     def semantic_scores(self, images: Tensor, class_idx: Tensor) -> Tensor:
         """S_sem (Eq. 3) per patch, (B, N) in [0, 1]: the SAD module's anomaly posterior, for analysis."""
-        self._check_fitted()
+        device = self.check_inputs(images, class_idx)
         if self.module_.semantic is None:
             raise DetectorError("this LTAD was trained without the SAD module (use_sad=False); it has no S_sem")
-        device = next(self.module_.parameters()).device
         with torch.no_grad():
-            features = as_stored(self._backbone_on(device).image.encode_image(images.to(device)))
-            maps = list(features.maps.values())
-            permutation = derangement(len(self.meta_["class_names"])) if self.config.shuffle_names_at_test else None
-            logits = self.module_.semantic_logits(self._tokens(maps), class_idx.to(device), self.config, permutation)
+            logits = self.module_.semantic_logits(self._test_tokens(images, device), class_idx.to(device), self.config,
+                                                  self._test_permutation())
         return torch.sigmoid(logits).cpu()
 
     # ------------------------------------------------------------------ persistence and names
-
-    @classmethod
-    def load(cls, directory: Path) -> LTAD:
-        """Rebuild a saved LTAD; the backbone must be the one it was trained on (same weights digest)."""
-        detector = super().load(directory)
-        encoder = detector._backbone_on(torch.device("cpu")).image
-        check_backbone_digest(detector.meta_, detector.config.backbone, encoder.digest, directory)
-        return detector
 
     def name_neighbours(self, top: int = 5) -> dict[str, list[list[tuple[str, float]]]]:
         """For each class, the `top` vocabulary tokens nearest (cosine) to each token of its learned s_c.
@@ -578,8 +478,8 @@ class LTAD(TorchDetector):
         Returns: {class name: [[(token, cosine), ...] for each of the K tokens of s_c]}.
         """
         self._check_fitted()
-        return describe_names(self.module_.names.detach().cpu(), self.meta_["class_names"],
-                              self._backbone_on(torch.device("cpu")).text, top)
+        return describe_names(self.module_.names.detach().cpu(), list(self.meta_.class_names),
+                              self.backbone(torch.device("cpu")).text, top)
 
 
 class LTADWithoutSAD(LTAD):
@@ -615,17 +515,9 @@ def initial_names(text, class_names: list[str], mode: str, length: int, seed: in
     raise ConfigError(f"name_init must be object, classname or random; got {mode!r}")
 
 
-def _rank_seed(seed: int) -> int:
-    """`seed` in one process; under torchrun each rank draws its own noise for its own shard."""
-    return (seed + 7_919 * distributed.info().rank) % (2**63)
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """Whether two devices are the same ("cuda" and "cuda:0" are, when device 0 is the current one)."""
-    def index(d: torch.device) -> int:
-        return d.index if d.index is not None else (torch.cuda.current_device() if d.type == "cuda" else 0)
-
-    return a.type == b.type and index(a) == index(b)
+def _epoch_mean(total: float, count: int) -> float:
+    """An epoch's mean loss per training item from this rank's sum of per-item losses (summed over ranks)."""
+    return distributed.all_reduce_sum(torch.tensor([total], dtype=torch.float64)).item() / count
 
 
 def _spread(values: Tensor) -> float:
@@ -671,7 +563,7 @@ def describe_names(names: Tensor, class_names: list[str], text, top: int) -> dic
     }
 
 
-def read_saved_names(directory: Path) -> tuple[LTADConfig, dict[str, Any], Tensor]:
+def read_saved_names(directory: Path) -> tuple[LTADConfig, LTADMeta, Tensor]:
     """The config, meta and learned s_c (C, K, token_dim) of a saved LTAD model, without building any encoder."""
     from safetensors import safe_open
 
@@ -682,12 +574,13 @@ def read_saved_names(directory: Path) -> tuple[LTADConfig, dict[str, Any], Tenso
         raise DetectorError(f"{directory} holds a {target or 'non-LTAD'} model; inspect-names needs an LTAD model")
     config_cls = LTADWithoutSADConfig if target.endswith("WithoutSAD") else LTADConfig
     config = make_config(config_cls, payload["config"])
+    meta = read_meta(LTADMeta, payload.get("meta"), weights_path.parent / LTAD.CONFIG_FILE)
     with safe_open(str(weights_path), framework="pt") as handle:
         stored = list(handle.keys())  # a safe_open handle supports keys() but not `in`
         if "names" not in stored:
             raise DetectorError(f"{weights_path} has no 'names' tensor; the saved model is corrupt")
         names = handle.get_tensor("names")
-    return config, payload["meta"], names
+    return config, meta, names
 
 
 def model_directory(path: Path) -> Path:
@@ -701,7 +594,7 @@ def model_directory(path: Path) -> Path:
                         "give the folder `ltbench run` printed")
 
 
-def inspect_names(path: Path, top: int = 5) -> tuple[dict[str, Any], dict[str, list[list[tuple[str, float]]]]]:
+def inspect_names(path: Path, top: int = 5) -> tuple[LTADMeta, dict[str, list[list[tuple[str, float]]]]]:
     """What a trained LTAD calls each class: the vocabulary tokens nearest to each learned s_c token.
 
     Parameters: path: a run directory or a saved LTAD model directory; top: tokens per s_c token.
@@ -714,11 +607,4 @@ def inspect_names(path: Path, top: int = 5) -> tuple[dict[str, Any], dict[str, l
     if names.shape[-1] != text.token_dim:
         raise DetectorError(f"the saved names have {names.shape[-1]}-d tokens but backbone {config.backbone!r} "
                             f"has {text.token_dim}-d word embeddings; is it the backbone the model was trained on?")
-    return meta, describe_names(names, meta["class_names"], text, top)
-
-
-def image_score_from_map(maps: Tensor) -> Tensor:
-    """Image score per the evaluation protocol: max of the 16×16 average-pooled map (stride 1); (B,) float32."""
-    from ltbench.metrics import image_score_from_map as protocol_score
-
-    return torch.from_numpy(protocol_score(maps)).float()
+    return meta, describe_names(names, list(meta.class_names), text, top)

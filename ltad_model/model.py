@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from baselines.uniad.model import ReconstructionTransformer
+from ltbench.reconstruction import ReconstructionTransformer
 
 if TYPE_CHECKING:  # the detector's config; only its model fields are read here
     from ltad_model.detector import LTADConfig

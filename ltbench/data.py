@@ -21,6 +21,7 @@ from ltbench import distributed
 from ltbench.datasets.base import Catalog, Record
 from ltbench.detector import IMAGE_SIZE
 from ltbench.errors import DatasetError
+from ltbench.training import epoch_seed
 
 _READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
@@ -119,6 +120,11 @@ class RecordTrainSet:
     def __len__(self) -> int:
         return len(distributed.shard(range(len(self._paths))))
 
+    @property
+    def total(self) -> int:
+        """The number of training images over all ranks (`len()` is this rank's shard under torchrun)."""
+        return len(self._paths)
+
     def _image(self, i: int) -> Tensor:
         if self._cache is not None and i in self._cache:
             return self._cache[i]
@@ -131,7 +137,7 @@ class RecordTrainSet:
         """The image order of one pass: a permutation drawn from (run seed, `seed`), or 0..N-1."""
         if not shuffle:
             return torch.arange(len(self._paths))
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + seed)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, seed))
         return torch.randperm(len(self._paths), generator=generator)
 
     def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0) -> Iterator[tuple[Tensor, Tensor]]:

@@ -35,6 +35,14 @@ class Prediction:
     anomaly_maps: Tensor  # (B, 224, 224) float, higher = more anomalous
 
 
+def prediction_from_maps(anomaly_maps: Tensor) -> Prediction:
+    """A `Prediction` of (B, 224, 224) maps with the protocol's image scores (`ltbench.metrics.image_score_from_map`)."""
+    from ltbench.metrics import image_score_from_map
+
+    return Prediction(image_scores=torch.from_numpy(image_score_from_map(anomaly_maps)).float(),
+                      anomaly_maps=anomaly_maps)
+
+
 @runtime_checkable
 class TrainSet(Protocol):
     """What the runner hands to `fit()`."""
@@ -55,6 +63,7 @@ class TrainSet(Protocol):
 # Built-in detectors, imported lazily so that `ltbench --help` does not import every model.
 BUILTIN_DETECTORS: dict[str, str] = {
     "uniad": "baselines.uniad:UniAD",
+    "uniad_align": "baselines.uniad:UniADAlign",
     "ltad": "ltad_model:LTAD",
     "ltad_wo_sad": "ltad_model:LTADWithoutSAD",
 }
@@ -396,26 +405,30 @@ def read_saved_model(cls: type, directory: Path) -> tuple[Path, Path, Any]:
     return config_path, weights_path, payload
 
 
-def check_backbone_digest(meta: dict[str, Any], backbone: str, digest: str, directory: Path) -> None:
-    """Refuse to use a saved model with a backbone whose weights differ from those it was trained on."""
-    if digest != meta["backbone_digest"]:
-        raise DetectorError(
-            f"{directory} was trained on backbone {meta['backbone']!r} with weights digest "
-            f"{meta['backbone_digest']}, but {backbone!r} now has digest {digest}; "
-            "load the same backbone weights or retrain"
-        )
+def read_meta(meta_cls: type, values: Any, path: Path) -> Any:
+    """The typed metadata `meta_cls(**values)` of a saved model; unknown or missing keys are errors naming `path`."""
+    if not isinstance(values, dict):
+        raise DetectorError(f"{path}: 'meta' must be a JSON object; the saved model is corrupt")
+    fields = {f.name for f in dataclasses.fields(meta_cls)}
+    unknown, missing = sorted(set(values) - fields), sorted(fields - set(values))
+    if unknown or missing:
+        raise DetectorError(f"{path}: meta keys do not match {meta_cls.__qualname__} (unknown {unknown}, missing "
+                            f"{missing}); it was saved by another version of the model")
+    annotations = config_types(meta_cls)
+    return meta_cls(**{key: _coerce(annotations[key], value) for key, value in values.items()})
 
 
 class TorchDetector(abc.ABC):
     """Base for detectors whose learned state is one `nn.Module` (`self.module_`).
 
-    Subclasses define `Config`, `fit`, `predict` and `build_module(meta)`, which builds the
-    learnable module from `meta` (a JSON-ready dict of facts learned in `fit`, e.g. the class
-    names or feature channels; stored in `self.meta_`). Frozen backbones are not saved: they
-    are recreated by name from the config.
+    Subclasses define `Config`, `Meta` (a dataclass of the facts learned in `fit` that size the
+    module, e.g. the class names or feature channels; stored in `self.meta_` and written into
+    config.json), `fit`, `predict` and `build_module(meta)`, which builds the learnable module
+    from the meta. Frozen backbones are not saved: they are recreated by name from the config.
     """
 
     Config: ClassVar[type]
+    Meta: ClassVar[type]
     CONFIG_FILE = "config.json"
     WEIGHTS_FILE = "model.safetensors"
 
@@ -424,8 +437,8 @@ class TorchDetector(abc.ABC):
 
     # -- to implement
     @abc.abstractmethod
-    def build_module(self, meta: dict[str, Any]) -> torch.nn.Module:
-        """The learnable module, sized by `meta`; `load` calls it before loading the weights."""
+    def build_module(self, meta: Any) -> torch.nn.Module:
+        """The learnable module, sized by `meta` (a `Meta`); `load` calls it before loading the weights."""
 
     # -- provided
     def _check_fitted(self) -> None:
@@ -442,7 +455,7 @@ class TorchDetector(abc.ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         payload = {"detector": f"{type(self).__module__}:{type(self).__qualname__}",
-                   "config": config_to_dict(self.config), "meta": self.meta_}
+                   "config": config_to_dict(self.config), "meta": dataclasses.asdict(self.meta_)}
         state = {k: v.detach().cpu().contiguous() for k, v in self.module_.state_dict().items()}
         with io.atomic_path(directory / self.WEIGHTS_FILE) as tmp:
             save_file(state, str(tmp))
@@ -450,7 +463,7 @@ class TorchDetector(abc.ABC):
 
     @classmethod
     def load(cls, directory: Path) -> TorchDetector:
-        """Rebuild a saved detector; unknown or missing config or weight keys are errors."""
+        """Rebuild a saved detector; unknown or missing config, meta or weight keys are errors."""
         from safetensors.torch import load_file
 
         config_path, weights_path, payload = read_saved_model(cls, directory)
@@ -461,7 +474,7 @@ class TorchDetector(abc.ABC):
         if missing:
             raise DetectorError(f"{config_path} lacks config keys {missing}; it was saved by another version")
         detector = cls(make_config(cls.Config, payload["config"]))
-        detector.meta_ = payload["meta"]
+        detector.meta_ = read_meta(cls.Meta, payload["meta"], config_path)
         detector.module_ = detector.build_module(detector.meta_)
         try:
             detector.module_.load_state_dict(load_file(str(weights_path)), strict=True)

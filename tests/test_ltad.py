@@ -73,7 +73,7 @@ def text():
 def with_config(detector: LTAD, **changes) -> LTAD:
     """The same trained network under a changed (test-time) config."""
     other = type(detector)(dataclasses.replace(detector.config, **changes))
-    other.module_, other.meta_ = detector.module_, dict(detector.meta_)
+    other.module_, other.meta_ = detector.module_, detector.meta_
     return other
 
 
@@ -81,8 +81,8 @@ def interrupt_after(monkeypatch, phase: int, epoch: int) -> None:
     """Make fit() stop (as Ctrl-C would) right after it saved the training state of (phase, epoch)."""
     original = LTAD._save_state
 
-    def save_then_stop(self, checkpoint_dir, saved_phase, saved_epoch, *args):
-        original(self, checkpoint_dir, saved_phase, saved_epoch, *args)
+    def save_then_stop(self, progress, saved_phase, saved_epoch, *args):
+        original(self, progress, saved_phase, saved_epoch, *args)
         if (saved_phase, saved_epoch) == (phase, epoch):
             raise KeyboardInterrupt
 
@@ -107,7 +107,7 @@ def assert_same_result(a: LTAD, b: LTAD, images) -> None:
 def test_check_detector_passes(images, tmp_path):
     config = LTADConfig(**TINY)
     detector = check_detector(LTAD, train_set(images, tmp_path / "ck"), config=config, work_dir=tmp_path)
-    assert detector.meta_["class_names"] == CLASSES
+    assert list(detector.meta_.class_names) == CLASSES
 
 
 def test_registered_names_resolve_to_ltad_and_ltad_wo_sad():
@@ -165,7 +165,7 @@ def test_phase1_loss_falls_and_names_get_gradients(images, text, tmp_path):
     network = detector.module_
     network.names.requires_grad_(True)
     network.names.grad = None
-    z = torch.randn(2, detector.meta_["embed_dim"])
+    z = torch.randn(2, detector.meta_.embed_dim)
     class_text = text.encode_soft("", network.names[torch.tensor([0, 2])])  # (2, d)
     synthetic, mean, log_variance = network.synthesize(z, class_text, torch.Generator().manual_seed(0))
     real = [torch.randn_like(m) for m in synthetic]
@@ -179,17 +179,17 @@ def test_phase1_loss_falls_and_names_get_gradients(images, text, tmp_path):
 
 def test_decoder_synthesizes_the_real_map_shapes(fitted):
     meta = fitted.meta_
-    z = torch.randn(3, meta["embed_dim"])
-    maps, _, _ = fitted.module_.synthesize(z, torch.randn(3, meta["text_dim"]), None)
-    assert [tuple(m.shape) for m in maps] == [(3, c, h, w) for c, (h, w) in zip(meta["feature_channels"], meta["map_sizes"])]
-    assert meta["map_sizes"] == [[112, 112], [56, 56], [28, 28], [14, 14]]  # strides 2, 4, 8, 16 at 224
+    z = torch.randn(3, meta.embed_dim)
+    maps, _, _ = fitted.module_.synthesize(z, torch.randn(3, meta.text_dim), None)
+    assert [tuple(m.shape) for m in maps] == [(3, c, h, w) for c, (h, w) in zip(meta.feature_channels, meta.map_sizes)]
+    assert meta.map_sizes == ((112, 112), (56, 56), (28, 28), (14, 14))  # strides 2, 4, 8, 16 at 224
 
 
 def test_names_learn_in_phase1_and_stay_frozen_in_phase2(fitted, images, text, tmp_path, monkeypatch):
     interrupt_after(monkeypatch, phase=1, epoch=TINY["epochs_phase1"])
     with pytest.raises(KeyboardInterrupt):
         fit(LTAD, images, tmp_path)
-    after_phase1 = load_training_state(tmp_path)["model"]["names"]
+    after_phase1 = load_training_state(tmp_path)["state:model"]["names"]
     init = initial_names(text, CLASSES, "object", 2, 0)
     assert not torch.equal(after_phase1, init)  # learned in phase 1
     assert torch.equal(fitted.module_.names.detach(), after_phase1)  # untouched by phase 2
@@ -219,14 +219,14 @@ def test_name_initialisations(text):
 
 def test_name_length_sets_the_tokens_of_s_c(images, tmp_path):
     detector = fit(LTAD, images, tmp_path, name_length=3, epochs_phase1=1, epochs_phase2=1)
-    assert tuple(detector.module_.names.shape[:2]) == (3, 3) and detector.meta_["name_length"] == 3
+    assert tuple(detector.module_.names.shape[:2]) == (3, 3) and detector.meta_.name_length == 3
 
 
 def test_autoencoder_augmentation_is_deterministic_and_has_no_kl(images, tmp_path, fitted):
     detector = fit(LTAD, images, tmp_path, augmentation="ae", epochs_phase1=1, epochs_phase2=1)
     network = detector.module_
     assert network.latent.log_variance is None  # no F_σ
-    z, t = torch.randn(2, detector.meta_["embed_dim"]), torch.randn(2, detector.meta_["text_dim"])
+    z, t = torch.randn(2, detector.meta_.embed_dim), torch.randn(2, detector.meta_.text_dim)
     first, _, log_variance = network.synthesize(z, t, torch.Generator().manual_seed(0))
     second, _, _ = network.synthesize(z, t, torch.Generator().manual_seed(1))
     assert log_variance is None and all(torch.equal(a, b) for a, b in zip(first, second))
@@ -285,7 +285,7 @@ def test_distribution_aware_sampling_favours_small_classes():
 def test_semantic_scores_lie_in_unit_interval_and_depend_on_the_class(fitted, images):
     scores = fitted.semantic_scores(*images)  # (12, 196)
     assert scores.shape == (12, 196) and float(scores.min()) >= 0.0 and float(scores.max()) <= 1.0
-    huge = fitted.module_.semantic_logits(torch.randn(2, 196, sum(fitted.meta_["feature_channels"])) * 1e6,
+    huge = fitted.module_.semantic_logits(torch.randn(2, 196, sum(fitted.meta_.feature_channels)) * 1e6,
                                           torch.tensor([0, 1]), fitted.config)
     assert bool(((torch.sigmoid(huge) >= 0) & (torch.sigmoid(huge) <= 1)).all())
     other_class = fitted.semantic_scores(images[0], (images[1] + 1) % 3)
@@ -294,7 +294,7 @@ def test_semantic_scores_lie_in_unit_interval_and_depend_on_the_class(fitted, im
 
 @torch.no_grad()
 def test_temperature_and_patch_normalisation_act_on_the_logit(fitted):
-    tokens = torch.randn(2, 196, sum(fitted.meta_["feature_channels"])) * 100
+    tokens = torch.randn(2, 196, sum(fitted.meta_.feature_channels)) * 100
     class_idx = torch.tensor([0, 2])
     logits = fitted.module_.semantic_logits(tokens, class_idx, fitted.config)
     halved = fitted.module_.semantic_logits(tokens, class_idx, dataclasses.replace(fitted.config, temperature=2.0))
@@ -307,14 +307,14 @@ def test_temperature_and_patch_normalisation_act_on_the_logit(fitted):
 
 def test_score_is_s_rec_plus_lambda_s_sem(fitted, images):
     """Eq. 5, checked through predict: the map with λ minus the map with λ = 0 is λ·S_sem upsampled."""
-    assert fitted.meta_["lambda_rule"] == "training range" and fitted.meta_["lambda_sem"] > 0
+    assert fitted.meta_.lambda_rule == "training range" and fitted.meta_.lambda_sem > 0
     without = with_config(fitted)
-    without.meta_["lambda_sem"] = 0.0
+    without.meta_ = dataclasses.replace(fitted.meta_, lambda_sem=0.0)
     difference = fitted.predict(*images).anomaly_maps - without.predict(*images).anomaly_maps
     semantic = fitted.semantic_scores(*images).view(-1, 1, 14, 14)
-    expected = fitted.meta_["lambda_sem"] * F.interpolate(semantic, size=(224, 224), mode="bilinear",
+    expected = fitted.meta_.lambda_sem * F.interpolate(semantic, size=(224, 224), mode="bilinear",
                                                           align_corners=True)[:, 0]
-    assert torch.allclose(difference, expected, rtol=1e-4, atol=1e-3 * fitted.meta_["lambda_sem"])
+    assert torch.allclose(difference, expected, rtol=1e-4, atol=1e-3 * fitted.meta_.lambda_sem)
 
 
 def test_lambda_comes_from_config_or_the_paper_dataset():
@@ -327,7 +327,7 @@ def test_lambda_comes_from_config_or_the_paper_dataset():
 def test_without_sad_equals_lambda_zero(images, tmp_path):
     without_sad = fit(LTADWithoutSAD, images, tmp_path / "a")
     lambda_zero = fit(LTAD, images, tmp_path / "b", lambda_sem=0.0)
-    assert without_sad.module_.semantic is None and lambda_zero.meta_["lambda_rule"] == "config"
+    assert without_sad.module_.semantic is None and lambda_zero.meta_.lambda_rule == "config"
     first, second = without_sad.predict(*images), lambda_zero.predict(*images)
     assert torch.equal(first.anomaly_maps, second.anomaly_maps)
     assert torch.equal(first.image_scores, second.image_scores)

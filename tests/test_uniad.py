@@ -16,11 +16,12 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from baselines.uniad import UniAD, UniADConfig
-from baselines.uniad.model import EncoderLayer, ReconstructionTransformer, feature_jitter, neighbor_mask
+from baselines.uniad import UniAD, UniADAlign, UniADAlignConfig, UniADConfig
 from ltbench.detector import load_training_state, make_config
 from ltbench.errors import ConfigError, DetectorError
+from ltbench.reconstruction import EncoderLayer, ReconstructionTransformer, feature_jitter, neighbor_mask
 from ltbench.testing import TensorTrainSet, check_detector
+from ltbench.training import TrainingProgress
 
 # ----------------------------------------------------------------------------- model
 
@@ -193,7 +194,7 @@ def test_save_then_load_gives_identical_predictions(fitted, tmp_path):
     loaded = UniAD.load(tmp_path / "model")
     after = loaded.predict(images, class_idx)
     assert torch.equal(before.anomaly_maps, after.anomaly_maps) and torch.equal(before.image_scores, after.image_scores)
-    assert loaded.meta_ == fitted.meta_ and loaded.meta_["feature_channels"] == 16 + 24 + 40 + 112
+    assert loaded.meta_ == fitted.meta_ and loaded.meta_.feature_channels == 16 + 24 + 40 + 112
 
 
 def test_load_refuses_a_model_trained_on_other_backbone_weights(fitted, tmp_path):
@@ -215,14 +216,14 @@ def test_an_interrupted_fit_resumes_to_the_same_result(train_images, tmp_path, m
     class Interrupt(Exception):
         pass
 
-    save = UniAD._save_training_state
+    save = TrainingProgress.save
 
-    def save_then_stop_after_two_epochs(self, checkpoint_dir, module, optimizer, scheduler, meta, losses):
-        save(self, checkpoint_dir, module, optimizer, scheduler, meta, losses)
-        if len(losses) == 2:
+    def save_then_stop_after_two_epochs(self, modules, **values):
+        save(self, modules, **values)
+        if len(values["epoch_losses"]) == 2:
             raise Interrupt
 
-    monkeypatch.setattr(UniAD, "_save_training_state", save_then_stop_after_two_epochs)
+    monkeypatch.setattr(TrainingProgress, "save", save_then_stop_after_two_epochs)
     with pytest.raises(Interrupt):
         UniAD(config).fit(make_train_set(train_images, tmp_path / "interrupted"))
     assert len(load_training_state(tmp_path / "interrupted")["epoch_losses"]) == 2
@@ -265,12 +266,16 @@ def test_invalid_config_values_are_config_errors(values, message):
 
 def test_presets_paper_is_the_official_recipe_and_quick_is_small():
     paper = make_config(UniADConfig, UniAD.PRESETS["paper"])
-    official = {"backbone": "align", "feature_strides": (2, 4, 8, 16), "grid": 14, "hidden": 256, "heads": 8,
+    official = {"backbone": "efficientnet-b7", "feature_strides": (2, 4, 8, 16), "grid": 14, "hidden": 256, "heads": 8,
                 "encoder_layers": 4, "decoder_layers": 4, "feedforward": 1024, "dropout": 0.1,
                 "neighbor_size": 7, "jitter_scale": 20.0, "jitter_prob": 1.0, "epochs": 1000, "batch_size": 8,
                 "lr": 1e-4, "weight_decay": 1e-4, "lr_drop_at": 0.8, "lr_drop_factor": 0.1, "grad_clip": 0.1}
     assert {k: getattr(paper, k) for k in official} == official
     quick = make_config(UniADConfig, UniAD.PRESETS["quick"])
     assert quick.backbone == "lite" and quick.epochs < 20
+    # uniad_align (Tab. 6 expID 6.2) is the same recipe on ALIGN's image encoder
+    align = make_config(UniADAlignConfig, UniADAlign.PRESETS["paper"])
+    assert {k: getattr(align, k) for k in official} == {**official, "backbone": "align"}
+    assert UniADAlignConfig().backbone == "align" and UniADConfig().backbone == "efficientnet-b7"
     # a JSON round trip (lists for tuples) gives the same config
     assert make_config(UniADConfig, json.loads(json.dumps(dataclasses.asdict(paper)))) == paper

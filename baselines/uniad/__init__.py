@@ -1,5 +1,5 @@
-"""UniAD-style reconstruction baseline; `model.ReconstructionTransformer` is shared with LTAD."""
+"""UniAD-style reconstruction baseline; its transformer lives in `ltbench.reconstruction` (shared with LTAD)."""
 
-from baselines.uniad.detector import UniAD, UniADConfig
+from baselines.uniad.detector import UniAD, UniADAlign, UniADAlignConfig, UniADConfig
 
-__all__ = ["UniAD", "UniADConfig"]
+__all__ = ["UniAD", "UniADAlign", "UniADAlignConfig", "UniADConfig"]

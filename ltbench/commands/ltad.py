@@ -22,7 +22,7 @@ def inspect_names_command(run_dir: Path, top: int) -> None:
     from ltad_model.detector import inspect_names
 
     meta, neighbours = inspect_names(run_dir, top)
-    click.echo(f"Learned pseudo class names (backbone {meta['backbone']}); nearest vocabulary tokens, cosine:")
+    click.echo(f"Learned pseudo class names (backbone {meta.backbone}); nearest vocabulary tokens, cosine:")
     for class_name, tokens in neighbours.items():
         click.echo(class_name)
         for position, nearest in enumerate(tokens, start=1):

@@ -1,4 +1,6 @@
-"""UniAD's reconstruction transformer (You et al., NeurIPS 2022), pure torch, one file.
+"""UniAD's reconstruction transformer (You et al., NeurIPS 2022) and its feature jitter, pure torch.
+
+Shared by the `uniad` baseline and LTAD's reconstruction module Π, so neither model package imports the other.
 
 Data flow: feature tokens (B, N, C) --input projection--> (B, N, hidden) --encoder with
 neighbour-masked self-attention--> memory --decoder whose layers each own a learnable query and
@@ -54,6 +56,25 @@ def feature_jitter(
     norms = tokens.norm(dim=-1, keepdim=True) / channels  # (B, N, 1)
     noise = torch.randn(tokens.shape, generator=generator, device=draw_device, dtype=tokens.dtype)
     return tokens + noise.to(tokens.device) * norms * scale  # (B, N, C)
+
+
+def transformer_problems(hidden: int, heads: int, encoder_layers: int, decoder_layers: int, feedforward: int,
+                         dropout: float, neighbor_size: int, grid: int, prefix: str = "") -> list[str]:
+    """What is wrong with a set of `ReconstructionTransformer` sizes, as messages naming the config fields.
+
+    Parameters: the constructor's sizes; prefix: the config's field prefix (LTAD's "rm_", UniAD's "").
+    Returns: one message per problem (empty when the sizes are valid).
+    """
+    problems = []
+    if hidden < 2 or hidden % 2 or heads < 1 or hidden % heads:
+        problems.append(f"{prefix}hidden ({hidden}) must be even and divisible by {prefix}heads ({heads})")
+    if encoder_layers < 0 or decoder_layers < 1 or feedforward < 1:
+        problems.append(f"{prefix}encoder_layers must be >= 0, {prefix}decoder_layers and {prefix}feedforward >= 1")
+    if not 0.0 <= dropout < 1.0:
+        problems.append(f"{prefix}dropout must be in [0, 1), got {dropout}")
+    if neighbor_size < 0 or (neighbor_size and (neighbor_size % 2 == 0 or neighbor_size >= grid)):
+        problems.append(f"{prefix}neighbor_size must be 0 (no mask) or odd and < grid ({grid}), got {neighbor_size}")
+    return problems
 
 
 # ----------------------------------------------------------------------------- modules
