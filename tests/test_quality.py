@@ -15,11 +15,13 @@ Every new baseline adds one test here.
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
 
 from baselines.uniad import UniAD
 from ltad_model import LTAD
 from ltbench.detector import make_config
-from ltbench.testing import check_training_matters, novelty_task
+from ltbench.testing import check_training_matters, novelty_task, optimizer_steps_undone
 
 
 @pytest.fixture(scope="module")
@@ -33,3 +35,25 @@ def test_training_lifts_the_quick_preset_clear_of_an_untrained_control(cls, task
     result = check_training_matters(cls, config, task, margin=0.2, work_dir=tmp_path)
     print(f"{cls.__name__}: {result}")
     assert result.control_steps_undone > 0
+
+
+@pytest.mark.parametrize("optimizer_cls", [torch.optim.SGD, torch.optim.AdamW])
+def test_optimizer_steps_undone_keeps_every_parameter_and_counts_the_steps(optimizer_cls):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1))
+    start = [p.detach().clone() for p in model.parameters()]
+    optimizer = optimizer_cls(model.parameters(), lr=0.1, momentum=0.9) if optimizer_cls is torch.optim.SGD \
+        else optimizer_cls(model.parameters(), lr=0.1, weight_decay=0.1)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        optimizer.step()
+
+    with optimizer_steps_undone() as undone:
+        for _ in range(3):
+            step()
+    assert undone == [3]
+    assert all(torch.equal(p, s) for p, s in zip(model.parameters(), start))
+    step()  # outside the block the hooks are gone: the same optimizer moves every parameter again
+    assert all(not torch.equal(p, s) for p, s in zip(model.parameters(), start))
