@@ -53,8 +53,13 @@ class QuietHandler(SimpleHTTPRequestHandler):
 
 def pin(monkeypatch: pytest.MonkeyPatch, sha256: str) -> None:
     """Make `sha256` VisA's pinned default (in place of the real one, which no small test archive can match)."""
-    [source] = download.SOURCES["visa"]
-    monkeypatch.setitem(download.SOURCES, "visa", (download.ArchiveSource(source.filename, source.url, sha256),))
+    import dataclasses
+
+    from ltbench.datasets import visa
+
+    [source] = visa.INFO.sources
+    pinned = dataclasses.replace(visa.INFO, sources=(download.ArchiveSource(source.filename, source.url, sha256),))
+    monkeypatch.setattr(visa, "INFO", pinned)
 
 
 def test_without_a_checksum_the_pinned_one_accepts_a_matching_archive(tmp_path, monkeypatch):
