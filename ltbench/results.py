@@ -43,14 +43,19 @@ def unique_name(stem: str, used: set[str]) -> str:
 
 
 def write_results(run_dir: Path, evaluation: Evaluation, model: str, split: str, records: Sequence[Record],
-                  scores: np.ndarray) -> None:
+                  scores: np.ndarray, diagnostics: dict | None = None) -> None:
     """Write metrics.json, per_class.csv and scores.csv into a run directory.
 
     Parameters: evaluation: what `ltbench.evaluation.evaluate` returned; model, split: their names
     ("ltad", "mvtec/exp100"); records: the N test records; scores: (N,) image scores in their order,
-    NaN for the images of classes the detector cannot score. Null values are empty CSV cells.
+    NaN for the images of classes the detector cannot score (null values are empty CSV cells);
+    diagnostics: the detector's `diagnostics_` (JSON-ready facts about the trained model), kept in
+    metrics.json under "diagnostics" when given.
     """
-    io.write_json(run_dir / METRICS_FILE, evaluation.to_json(model, split))
+    document = evaluation.to_json(model, split)
+    if diagnostics:
+        document["diagnostics"] = diagnostics
+    io.write_json(run_dir / METRICS_FILE, document)
     write_csv(run_dir / PER_CLASS_FILE, ["class_name", "group", *METRIC_KEYS],
               ([name, values["group"], *(csv_number(values.get(key)) for key in METRIC_KEYS)]
                for name, values in evaluation.per_class.items()))

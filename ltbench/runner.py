@@ -9,12 +9,14 @@ CLI supplies, and tqdm bars; it never prints.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import platform
 import random
 import shlex
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from importlib import metadata
@@ -77,6 +79,7 @@ class RunOptions:
     batch_size: int = 16                 # test images per predict() call
     overlays_per_class: int = 3          # overlay PNGs written per class
     progress: bool = True                # show tqdm bars
+    report: bool = True                  # write report.html into the finished run directory
     command: str = ""                    # the command line, recorded in config.json
 
     def __post_init__(self) -> None:
@@ -320,7 +323,8 @@ def run(options: RunOptions, report: Reporter | None = None) -> RunResult:
     log(f"Command: {options.command}", echo=False)
 
     try:
-        evaluation = _train_predict_evaluate(plan, options, log)
+        with model_messages(log):
+            evaluation = _train_predict_evaluate(plan, options, log)
     except BaseException as exc:
         if not main:
             raise
@@ -340,12 +344,43 @@ def run(options: RunOptions, report: Reporter | None = None) -> RunResult:
         if plan.final.exists():
             raise RunError(f"{plan.final} appeared while this run was working; the result stays in {plan.partial}")
         os.rename(plan.partial, plan.final)
+        if options.report:  # after the rename: the page shows the run directory as it stays
+            from ltbench.report import write_run_report
+
+            page = write_run_report(plan.final)
+            if report is not None:
+                report(f"Report: {page}")
         if report is not None:
             report(f"Run directory: {plan.final}")
     if current.enabled:
         distributed.barrier()
         distributed.cleanup()
     return RunResult(run_dir=plan.final, evaluation=evaluation, record=plan.record)
+
+
+MODEL_LOGGER = "ltbench.model"  # detectors log training diagnostics here; the run copies them into log.txt
+
+
+@contextlib.contextmanager
+def model_messages(log: RunLog) -> Iterator[None]:
+    """Copy what detectors log to `ltbench.model` (INFO and above) into the run's log, warnings marked."""
+
+    class ToRunLog(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            prefix = "Warning: " if record.levelno >= logging.WARNING else ""
+            log(prefix + record.getMessage())
+
+    logger = logging.getLogger(MODEL_LOGGER)
+    handler, level, propagate = ToRunLog(logging.INFO), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # shown once, through the run's log, not again by Python's last-resort handler
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _train_predict_evaluate(plan: _Plan, options: RunOptions, log: RunLog) -> Any:
@@ -396,7 +431,8 @@ def _train_predict_evaluate(plan: _Plan, options: RunOptions, log: RunLog) -> An
         log(f"Warning: {warning}")
     score_of = dict(zip((r.image for r in scored), final_scores))
     all_scores = np.array([score_of.get(r.image, np.nan) for r in records], dtype=np.float64)  # NaN: unscored
-    write_results(plan.partial, evaluation, spec.name, manifest.name, records, all_scores)
+    write_results(plan.partial, evaluation, spec.name, manifest.name, records, all_scores,
+                  diagnostics=getattr(detector, "diagnostics_", None))
     if anomaly_maps is None:
         written = 0
         log(f"No overlays: {spec.name} is detection-only (it returns no anomaly maps)")
