@@ -24,9 +24,9 @@ from typing import Any
 
 from ltbench import __version__, io
 from ltbench.errors import LTBenchError, RunError
+from ltbench.evaluation import _COLUMN_TITLES as METRIC_TITLES
+from ltbench.evaluation import _SUMMARY_COLUMNS as SUMMARY_COLUMNS
 from ltbench.leaderboard import MISSING, Table, build_leaderboard, collect_runs, format_fraction
-from ltbench.metrics import _COLUMN_TITLES as METRIC_TITLES
-from ltbench.metrics import _SUMMARY_COLUMNS as SUMMARY_COLUMNS
 from ltbench.report_svg import class_bar_chart, count_scatter_chart
 from ltbench.rundir import CONFIG_FILE, MAPS_DIR, METRICS_FILE, SCORES_FILE, read_run_record
 

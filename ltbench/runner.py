@@ -96,7 +96,7 @@ class RunResult:
     """A finished run."""
 
     run_dir: Path
-    evaluation: Any                      # ltbench.metrics.Evaluation
+    evaluation: Any                      # ltbench.evaluation.Evaluation
     record: dict[str, Any] = field(default_factory=dict)  # what config.json holds
 
 
