@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 from ltbench.cli import main
 from ltbench.datasets.folder import read_catalog
+from ltbench.evaluation import _SUMMARY_COLUMNS as SUMMARY_COLUMNS
 from ltbench.leaderboard import build_leaderboard, format_fraction
-from ltbench.metrics import _SUMMARY_COLUMNS as SUMMARY_COLUMNS
 from ltbench.plots import HIGH_COLOUR, LOW_COLOUR
 from ltbench.report_svg import PIXEL_TINT, PLOT_HEIGHT, tint
 from ltbench.runner import RunOptions, run
