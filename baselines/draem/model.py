@@ -9,6 +9,8 @@ state dict maps onto `DRAEMNetwork.reconstructive` / `.discriminative` key for k
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -171,13 +173,19 @@ class DRAEMNetwork(nn.Module):
 
 
 def init_weights(module: nn.Module, generator: torch.Generator) -> None:
-    """The official `weights_init`: conv weights ~ N(0, 0.02) (biases keep PyTorch's default); BN weight ~ N(1, 0.02), bias 0."""
+    """The official `weights_init`, every draw from `generator`: conv weights ~ N(0, 0.02); BN weight ~ N(1, 0.02), bias 0.
+
+    The official code leaves conv biases at PyTorch's default, U(±1/√fan_in); they are redrawn here from
+    that same distribution so that the whole initialisation is determined by the seed.
+    """
     for layer in module.modules():
-        if isinstance(layer, nn.Conv2d):
-            with torch.no_grad():
+        with torch.no_grad():
+            if isinstance(layer, nn.Conv2d):
                 layer.weight.normal_(0.0, 0.02, generator=generator)
-        elif isinstance(layer, nn.BatchNorm2d):
-            with torch.no_grad():
+                if layer.bias is not None:
+                    fan_in = layer.weight[0].numel()  # in_channels / groups · k · k
+                    layer.bias.uniform_(-1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in), generator=generator)
+            elif isinstance(layer, nn.BatchNorm2d):
                 layer.weight.normal_(1.0, 0.02, generator=generator)
                 layer.bias.zero_()
 
