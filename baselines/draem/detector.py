@@ -44,7 +44,7 @@ class DRAEMConfig:
     reconstructive_width: int = 128  # ReconstructiveSubNetwork base_width (model_unet.py L6)
     discriminative_width: int = 64  # DiscriminativeSubNetwork base_channels (model_unet.py L17)
     # the side the networks run at (official resize_shape [256, 256], train_DRAEM.py L53): the 224×224
-    # images are resized to it bilinearly, and the maps back to 224; a multiple of 32
+    # images are resized to it bilinearly, and the maps back to 224; a multiple of 32, at least 64
     input_size: int = 256
     bgr: bool = True  # channel order fed to the networks: BGR, as the official cv2.imread (traps 1)
     # anomaly simulation (data_loader.py L78-134)
@@ -73,9 +73,11 @@ class DRAEMConfig:
         problems = []
         if self.reconstructive_width < 1 or self.discriminative_width < 1:
             problems.append("reconstructive_width and discriminative_width must be >= 1")
-        if self.input_size < INPUT_MULTIPLE or self.input_size % INPUT_MULTIPLE:
-            problems.append(f"input_size must be a positive multiple of {INPUT_MULTIPLE} (5 max-pools, Perlin "
-                            f"scales up to 32); got {self.input_size}")
+        if self.input_size < 2 * INPUT_MULTIPLE or self.input_size % INPUT_MULTIPLE:
+            # 5 max-pools and Perlin scales up to 32; at 32 px the deepest map is 1×1 and BatchNorm fails on a
+            # last batch of one image
+            problems.append(f"input_size must be a multiple of {INPUT_MULTIPLE} and at least {2 * INPUT_MULTIPLE}; "
+                            f"got {self.input_size}")
         if not self.anomaly_source:
             problems.append(f"anomaly_source must be {GENERATED!r} or a folder of texture images (e.g. dtd/images)")
         if self.generated_textures < 1:
