@@ -461,7 +461,8 @@ class TorchDetector(abc.ABC):
         if class_names is not None and len(class_idx) and (
                 int(class_idx.min()) < 0 or int(class_idx.max()) >= len(class_names)):
             raise DetectorError(f"{name}.predict: class_idx must lie in [0, {len(class_names)}) (the training split's classes)")
-        return next(self.module_.parameters()).device
+        tensors = [*self.module_.parameters(), *self.module_.buffers()]  # a memory bank has buffers only
+        return tensors[0].device if tensors else torch.device("cpu")
 
     def save(self, directory: Path) -> None:
         """Write config.json (config + meta) and model.safetensors into `directory`."""
