@@ -216,6 +216,10 @@ def test_generated_textures_are_seeded_and_varied():
     assert np.array_equal(textures[2], GeneratedTextures(6, 64, seed=0).texture(2))
     assert not np.array_equal(textures[2], GeneratedTextures(6, 64, seed=1).texture(2))
     assert all(t.std() > 3 for t in textures) and len({t.tobytes() for t in textures}) == 6
+    small = GeneratedTextures(6, 64, seed=0)
+    small.MEMORY_LIMIT = 2 * textures[0].nbytes  # keeps two; the others are rendered again, identically
+    assert all(np.array_equal(small.texture(i), textures[i]) for i in (0, 1, 2, 3, 2))
+    assert sorted(small._bank) == [0, 1]
 
 
 def test_a_texture_folder_is_read_as_dtd_in_bgr_order(tmp_path):

@@ -4,7 +4,8 @@
   `anomaly_source_path/*/*.jpg` (data_loader.py L78, all 47 categories) and drawn uniformly; any
   folder laid out that way works, else every .jpg/.jpeg/.png below it is used.
 - `GeneratedTextures` (the offline default): a fixed bank of procedural textures rendered by
-  LTBench from a seeded generator, lazily and kept in memory (a 256×256 texture takes a few ms).
+  LTBench from a seeded generator, lazily, and kept in memory up to `GeneratedTextures.MEMORY_LIMIT`
+  (256 MB; a texture takes a few ms, and one drawn again past the limit is rendered again, identically).
   Four families, each coloured by a random 2-4 colour palette and overlaid with mild pixel noise:
   fractal Perlin noise (cloudy, marbled surfaces), oriented gratings (sine or square waves:
   fabric, scratches, stripes), quantised Perlin blobs (spots, stains, patches) and blurred grain
@@ -60,6 +61,8 @@ class FolderTextures(TextureSource):
 class GeneratedTextures(TextureSource):
     """`count` procedural textures of size × size; texture i comes from its own generator seeded (seed, i)."""
 
+    MEMORY_LIMIT = 256 * 2**20  # bytes of rendered textures kept; the rest are rendered again (identically) when drawn
+
     def __init__(self, count: int, size: int, seed: int):
         self.count, self.size, self.seed = count, size, seed
         self._bank: dict[int, np.ndarray] = {}
@@ -68,10 +71,13 @@ class GeneratedTextures(TextureSource):
         return self.count
 
     def texture(self, index: int) -> np.ndarray:
-        """Texture `index` as uint8 (size, size, 3), rendered on first use."""
-        if index not in self._bank:
-            self._bank[index] = generate_texture(self.size, np.random.default_rng([self.seed, index]))
-        return self._bank[index]
+        """Texture `index` as uint8 (size, size, 3), rendered on first use and kept while the bank is under `MEMORY_LIMIT`."""
+        if index in self._bank:
+            return self._bank[index]
+        texture = generate_texture(self.size, np.random.default_rng([self.seed, index]))
+        if (len(self._bank) + 1) * texture.nbytes <= self.MEMORY_LIMIT:  # 5,640 at 256 px would be 1.1 GB
+            self._bank[index] = texture
+        return texture
 
 
 def fractal_perlin(size: int, rng: np.random.Generator, base: int, octaves: int) -> np.ndarray:
