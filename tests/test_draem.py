@@ -73,10 +73,10 @@ def test_weight_init_is_the_official_one_and_seeded():
     other = DRAEMNetwork(8, 8)
     init_weights(other, torch.Generator().manual_seed(4))
     assert not torch.equal(other.reconstructive.encoder.block1[0].bias, first.reconstructive.encoder.block1[0].bias)
-    convs = torch.cat([m.weight.flatten() for m in first.modules() if isinstance(m, torch.nn.Conv2d)])
+    convs = torch.cat([m.weight.detach().flatten() for m in first.modules() if isinstance(m, torch.nn.Conv2d)])
     bn = [m for m in first.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert abs(float(convs.mean())) < 2e-3 and abs(float(convs.std()) - 0.02) < 1e-3
-    bn_weights = torch.cat([m.weight for m in bn])
+    bn_weights = torch.cat([m.weight.detach() for m in bn])
     assert abs(float(bn_weights.mean()) - 1.0) < 5e-3 and all(bool((m.bias == 0).all()) for m in bn)
 
 
