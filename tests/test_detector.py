@@ -311,6 +311,7 @@ TINY_FIELDS = {
     "hidden": 16, "heads": 2, "encoder_layers": 1, "decoder_layers": 1, "feedforward": 32, "neighbor_size": 3,
     "rm_hidden": 16, "rm_heads": 2, "rm_encoder_layers": 1, "rm_decoder_layers": 1, "rm_feedforward": 32,
     "rm_neighbor_size": 3,
+    "reconstructive_width": 4, "discriminative_width": 4, "input_size": 64, "generated_textures": 8,  # DRAEM
 }
 
 
