@@ -112,7 +112,8 @@ def manifest_from_list(list_path: str | os.PathLike, catalog: Catalog, name: str
                          f"a CSV with an image column")
     by_path, canonical = _index(catalog)
     classes = list(catalog.class_names)
-    example = next((r.image for r in catalog.records if r.split == "train" and r.label == NORMAL), "")
+    example = min((r.image for r in catalog.records if r.class_name == classes[0] and r.split == "train"
+                   and r.label == NORMAL), default="")  # a path in the form the list should use
     selections: dict[str, list[str]] = {c: [] for c in classes}
     seen: dict[str, int] = {}
     for line, image, class_name in entries:
