@@ -56,6 +56,8 @@ def test_three_split_seeds_of_a_tiny_detector_give_mean_and_sample_std(tmp_path)
     assert len({m.csv_sha256 for m in manifests}) == 3  # three different draws of beta's images
 
     metrics = sorted((json.loads(p.read_text()) for p in runs.rglob("metrics.json")), key=lambda m: m["split"])
+    records = [json.loads((p.parent / "config.json").read_text()) for p in runs.rglob("metrics.json")]
+    assert [r["source_fingerprint"] for r in records] == [manifests[0].source_fingerprint] * 3  # what groups them
     assert [m["split"] for m in metrics] == ["folder/exp4", "folder/exp4-seed1", "folder/exp4-seed2"]
     low = [m["summary"]["low"]["image_auroc"] for m in metrics]
     assert np.std(low) > 0  # the draw moves the Low numbers, so the std below is not vacuous
