@@ -191,12 +191,19 @@ class FeatureDetector(TorchDetector, abc.ABC):
 # ----------------------------------------------------------------------------- helpers
 
 
-def patch_tokens(maps: Sequence[Tensor], grid: int) -> Tensor:
-    """Feature maps → patch tokens (B, grid², ΣC_l): each map resized bilinearly to grid × grid, stacked, row-major."""
+def patch_tokens(maps: Sequence[Tensor], grid: int, antialias: bool = False) -> Tensor:
+    """Feature maps → patch tokens (B, grid², ΣC_l): each map resized bilinearly to grid × grid, stacked, row-major.
+
+    antialias: average over the source pixels a token covers when downsampling (without it,
+    bilinear 112² → 14² reads 2×2 of every 8×8 pixels and never samples about 3/4 of the map).
+    """
     from collections import OrderedDict
 
     from ltbench.backbones import to_patch_tokens
 
+    if antialias:
+        maps = [m if m.shape[-2:] == (grid, grid) else
+                F.interpolate(m, size=(grid, grid), mode="bilinear", align_corners=False, antialias=True) for m in maps]
     named = OrderedDict((str(index), m) for index, m in enumerate(maps))
     return to_patch_tokens(named, grid=grid).flatten(2).transpose(1, 2).contiguous()  # (B, N, ΣC_l)
 

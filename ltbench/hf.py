@@ -26,8 +26,8 @@ from datasets.table import embed_table_storage
 from PIL import Image, UnidentifiedImageError
 
 from ltbench import __version__
+from ltbench.datasets import dataset_info
 from ltbench.datasets.base import NORMAL, Catalog
-from ltbench.download import TERMS
 from ltbench.errors import DatasetError, LTBenchError, SplitError
 from ltbench.io import atomic_path, write_text
 from ltbench.splits import Manifest, format_beta, load_manifest, open_split
@@ -215,7 +215,7 @@ def dataset_card(manifest: Manifest, result: ExportResult, features: datasets.Fe
         features; repo_id: the Hub repository, for the usage snippet (None: the local folder).
     Returns: the card's text.
     """
-    terms = TERMS[manifest.dataset]
+    terms = dataset_info(manifest.dataset)
     split_bytes = {s: sum(p.stat().st_size for p in paths) for s, paths in result.shards.items()}
     metadata = {
         "license": terms.licence_id,

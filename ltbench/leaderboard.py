@@ -21,9 +21,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ltbench.datasets import DATASETS, dataset_info
 from ltbench.errors import RunError
-from ltbench.runner import METRICS_FILE, run_sort_key
-from ltbench.seed_groups import MISSING, RunGroup, format_stat, group_runs, run_identity
+from ltbench.rundir import finished_metrics_files, run_sort_key
+from ltbench.seed_groups import MISSING, RunGroup, aggregate, format_stat, group_runs, run_identity
 
 PAPER_RESULTS = Path(__file__).resolve().parent / "data_files" / "paper" / "ltad_cvpr2024_results.csv"
 # Column names of the paper's tables, in the paper's column order (Table 3).
@@ -34,8 +35,6 @@ PAPER_METHODS = {
 SUMMARY_SOURCES = ("Table 3", "Table 4", "Table 5")  # the summary tables; the rest are supplementary
 TASKS = (("Det.", "image_auroc"), ("Seg.", "pixel_auroc"))
 METRIC_TITLES = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC"}
-DATASET_ORDER = ("mvtec", "visa", "dagm", "synth", "folder")
-DATASET_TITLES = {"mvtec": "MVTec", "visa": "VisA", "dagm": "DAGM"}
 REPORTED = " (reported)"
 
 
@@ -102,9 +101,7 @@ def collect_runs(runs_dir: Path, dataset: str | None = None) -> tuple[list[RunEn
     if not runs_dir.is_dir():
         raise RunError(f"runs folder {runs_dir} does not exist; run `ltbench run` first or give RUNS_DIR")
     found: dict[tuple[str, str, int, str], list[RunEntry]] = defaultdict(list)
-    for path in sorted(runs_dir.rglob(METRICS_FILE)):
-        if any(part.startswith(".") for part in path.relative_to(runs_dir).parts):
-            continue
+    for path in finished_metrics_files(runs_dir):
         entry = _read_metrics(path)
         if dataset is None or entry.dataset == dataset:
             identity = run_identity(entry.split, entry.run_dir)
@@ -166,7 +163,12 @@ def config_sort_key(config: str) -> tuple[int, int, bool, str]:
 
 
 def _dataset_key(dataset: str) -> tuple[int, str]:
-    return (DATASET_ORDER.index(dataset) if dataset in DATASET_ORDER else len(DATASET_ORDER)), dataset
+    return (DATASETS.index(dataset) if dataset in DATASETS else len(DATASETS)), dataset
+
+
+def format_fraction(value: Any) -> str:
+    """A metric fraction as a percentage with two decimals; missing or NaN as N/A (one run's cell)."""
+    return format_stat(aggregate([value]))
 
 
 def format_reported(value: float | None) -> str:
@@ -175,7 +177,8 @@ def format_reported(value: float | None) -> str:
 
 
 def _title(dataset: str) -> str:
-    return DATASET_TITLES.get(dataset, dataset)
+    """The dataset's name in table titles ("MVTec", as the paper writes it); unknown names as they are."""
+    return dataset_info(dataset).table_title if dataset in DATASETS else dataset
 
 
 def _models(runs: list[RunGroup]) -> list[str]:
@@ -243,7 +246,7 @@ def per_class_tables(runs: list[RunGroup], datasets: list[str], with_paper: bool
                         rows.append([label + REPORTED, *(format_reported(v) for v in values)])
                 if not rows:
                     continue
-                long_tailed = "-LT" if dataset in DATASET_TITLES else ""  # the paper's name for its splits
+                long_tailed = "-LT" if dataset in DATASETS and dataset_info(dataset).paper_benchmark else ""
                 title = f"{_title(dataset)}{long_tailed} {config}: {METRIC_TITLES[metric]}, %"
                 tables.append(Table(title=title, keys={"dataset": dataset, "config": config, "metric": metric},
                                     columns=["Method", "All", "High", "Low", *classes], rows=rows))

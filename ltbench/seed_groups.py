@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ltbench.errors import RunError, SplitError
-from ltbench.splits import LIST_PROFILE, config_name, parse_config
+from ltbench.rundir import CONFIG_FILE
+from ltbench.split_names import LIST_PROFILE, config_name, parse_config
 
-RUN_CONFIG_FILE = "config.json"  # written by `ltbench run` beside metrics.json
 MISSING = "N/A"
 
 
@@ -49,7 +49,7 @@ class RunIdentity:
 
 def _read_run_config(run_dir: Path) -> dict[str, Any]:
     """The run's config.json, or {} when the run directory has none."""
-    path = run_dir / RUN_CONFIG_FILE
+    path = run_dir / CONFIG_FILE
     if not path.is_file():
         return {}
     try:
@@ -103,19 +103,12 @@ def aggregate(values: Sequence[Any]) -> Stat | None:
     return Stat(mean=mean, std=std, n=n)
 
 
-def format_fraction(value: Any) -> str:
-    """A metric fraction as a percentage with two decimals; missing or NaN as N/A."""
-    if value is None or not isinstance(value, (int, float)) or math.isnan(value):
-        return MISSING
-    return f"{100.0 * value:.2f}"
-
-
 def format_stat(stat: Stat | None) -> str:
     """A percentage with two decimals ("72.10"), with " ± std (n=N)" when more than one run made it."""
     if stat is None:
         return MISSING
     if stat.n == 1:
-        return format_fraction(stat.mean)
+        return f"{100.0 * stat.mean:.2f}"
     return f"{100.0 * stat.mean:.2f} ± {100.0 * stat.std:.2f} (n={stat.n})"
 
 

@@ -104,7 +104,8 @@ def leaderboard_command(runs_dir: Path, dataset: str | None, fmt: str, per_class
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[default: cuda when available, else cpu]")
 def predict_command(run_dir: Path, images: tuple[Path, ...], class_name: str, out: Path, device: str | None) -> None:
     """Score new images with a finished run's model and write heat-map overlays."""
-    from ltbench.runner import SCORES_FILE, predict_images
+    from ltbench.predict import predict_images
+    from ltbench.rundir import SCORES_FILE
 
     results = predict_images(run_dir, list(images), class_name, out, device=device)
     width = max(len(f"{r.score:.6g}") for r in results)

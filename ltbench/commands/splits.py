@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ltbench.datasets import check_files, dataset_module, open_catalog, resolve_root
+from ltbench.datasets import DATASETS, check_files, dataset_module, open_catalog, resolve_root
 from ltbench.errors import DatasetError, SplitError
 from ltbench.splits import (
     build_split,
@@ -23,10 +23,11 @@ from ltbench.splits import (
 )
 
 SHOWN_PATHS = 10  # how many missing/unexpected paths `verify` prints
+DATASET_HELP = f"{', '.join(DATASETS[:-1])} or {DATASETS[-1]}."
 
 
 @click.command("make-split")
-@click.option("--dataset", required=True, help="mvtec, visa, dagm, synth or folder.")
+@click.option("--dataset", required=True, help=DATASET_HELP)
 @click.option("--type", "profile", help="Imbalance profile: exp or step (required unless --from-list).")
 @click.option("--beta", type=float, help="Imbalance factor (>= 1): largest / smallest class (required unless --from-list).")
 @click.option("--reverse", is_flag=True, help="Reverse the class order (the tail becomes the head).")
@@ -128,7 +129,7 @@ def _echo_paths(title: str, paths: list[str]) -> None:
 
 
 @click.command("verify")
-@click.option("--dataset", required=True, help="mvtec, visa, dagm, synth or folder.")
+@click.option("--dataset", required=True, help=DATASET_HELP)
 @click.option("--root", type=click.Path(path_type=Path), help="Dataset root (default: $LTBENCH_DATA/<dataset>).")
 @click.option("--split", "split_name", help="Also check that every image of this split is present.")
 def verify(dataset: str, root: Path | None, split_name: str | None) -> None:
