@@ -23,10 +23,11 @@ from typing import Any
 
 from ltbench.datasets import DATASETS, dataset_info
 from ltbench.errors import RunError
+from ltbench.resources import data_file
 from ltbench.rundir import finished_metrics_files, run_sort_key
 from ltbench.seed_groups import MISSING, RunGroup, aggregate, format_stat, group_runs, run_identity
 
-PAPER_RESULTS = Path(__file__).resolve().parent / "data_files" / "paper" / "ltad_cvpr2024_results.csv"
+PAPER_RESULTS = data_file("paper/ltad_cvpr2024_results.csv")
 # Column names of the paper's tables, in the paper's column order (Table 3).
 PAPER_METHODS = {
     "cutpaste": "Cut & Paste", "mkd": "MKD", "draem": "DRAEM", "regad": "RegAD", "uniad": "UniAD",

@@ -74,6 +74,7 @@ class RunOptions:
     batch_size: int = 16                 # test images per predict() call
     overlays_per_class: int = 3          # overlay PNGs written per class
     progress: bool = True                # show tqdm bars
+    report: bool = True                  # write report.html into the finished run directory
     command: str = ""                    # the command line, recorded in config.json
 
     def __post_init__(self) -> None:
@@ -339,6 +340,12 @@ def run(options: RunOptions, report: Reporter | None = None) -> RunResult:
         if plan.final.exists():
             raise RunError(f"{plan.final} appeared while this run was working; the result stays in {plan.partial}")
         os.rename(plan.partial, plan.final)
+        if options.report:  # after the rename: the page shows the run directory as it stays
+            from ltbench.report import write_run_report
+
+            page = write_run_report(plan.final)
+            if report is not None:
+                report(f"Report: {page}")
         if report is not None:
             report(f"Run directory: {plan.final}")
     if current.enabled:

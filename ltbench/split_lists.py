@@ -32,7 +32,7 @@ from pathlib import Path
 from ltbench.datasets import NORMAL, Catalog, Record, dataset_module, open_catalog, resolve_root
 from ltbench.errors import SplitError
 from ltbench.io import sha256_bytes
-from ltbench.splits import LIST_PROFILE, Manifest, ManifestRow, manifest_csv_sha256
+from ltbench.splits import LIST_PROFILE, Manifest, ManifestRow, has_file_list, manifest_csv_sha256
 
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -45,9 +45,8 @@ def list_catalog(dataset: str, root: str | os.PathLike | None) -> Catalog:
     official release); other datasets: the root's catalog (`--root`, else `$LTBENCH_DATA/<dataset>`,
     for synth the generated set).
     """
-    module = dataset_module(dataset)
-    if hasattr(module, "catalog_from_file_list"):
-        return module.catalog_from_file_list(Path(root) if root is not None else Path(dataset))
+    if has_file_list(dataset):
+        return dataset_module(dataset).catalog_from_file_list(Path(root) if root is not None else Path(dataset))
     return open_catalog(dataset, resolve_root(dataset, root)[0])
 
 

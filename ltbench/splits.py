@@ -47,11 +47,12 @@ from ltbench.datasets import (
 )
 from ltbench.errors import LTBenchError, SplitError
 from ltbench.io import atomic_path, sha256_bytes, write_json
+from ltbench.resources import pinned_splits_dir
 from ltbench.split_names import LIST_PROFILE, PROFILES, config_name, format_beta, parse_config
 
 RECIPE_VERSION = 1
 AUTHORS_LISTS = "Zenodo record 10854201 (https://zenodo.org/records/10854201)"  # LTAD paper, abstract
-PINNED_DIR = Path(__file__).resolve().parent.parent / "splits"
+PINNED_DIR = pinned_splits_dir()  # the checkout's splits/, or the copy inside an installed wheel
 CSV_HEADER = ("class_name", "image", "group")
 # floor() of the exact recipe value: float rounding may land just below an exact integer
 _FLOOR_TOLERANCE = 1e-9
@@ -453,10 +454,15 @@ def open_split(name: str | os.PathLike, root: str | os.PathLike | None = None) -
     return manifest.localized(catalog.root), catalog
 
 
+def has_file_list(dataset: str) -> bool:
+    """Whether LTBench ships the official file list of `dataset` (MVTec AD, VisA): its splits need no root."""
+    return hasattr(dataset_module(dataset), "catalog_from_file_list")
+
+
 def source_catalog(dataset: str) -> Catalog:
     """The catalog a pinned split of `dataset` is built from: the shipped file list, or the generated synth set."""
     module = dataset_module(dataset)
-    if hasattr(module, "catalog_from_file_list"):
+    if has_file_list(dataset):
         return module.catalog_from_file_list(Path(dataset))
     if dataset == "synth":
         return module.read_catalog(module.ensure_generated())

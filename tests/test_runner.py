@@ -106,7 +106,7 @@ def test_run_writes_the_run_directory(tiny, finished):
     out, run_dir, output = finished
     assert run_dir.parent == out / "tests.mean_detector.MeanDetector" / "folder-exp2"
     assert {p.name for p in run_dir.iterdir()} == {
-        "config.json", "model", "metrics.json", "per_class.csv", "scores.csv", "maps", "log.txt"}
+        "config.json", "model", "metrics.json", "per_class.csv", "scores.csv", "maps", "log.txt", "report.html"}
     assert not [p for p in run_dir.parent.iterdir() if p.name.startswith(".")]  # no partial left behind
 
     record = json.loads((run_dir / "config.json").read_text())

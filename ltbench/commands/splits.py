@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -15,11 +16,13 @@ from ltbench.splits import (
     describe,
     format_beta,
     format_counts,
+    has_file_list,
     list_pinned,
     load_manifest,
     manifest_json_path,
     open_split,
     provenance,
+    source_catalog,
 )
 
 SHOWN_PATHS = 10  # how many missing/unexpected paths `verify` prints
@@ -32,7 +35,8 @@ DATASET_HELP = f"{', '.join(DATASETS[:-1])} or {DATASETS[-1]}."
 @click.option("--beta", type=float, help="Imbalance factor (>= 1): largest / smallest class (required unless --from-list).")
 @click.option("--reverse", is_flag=True, help="Reverse the class order (the tail becomes the head).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed.")
-@click.option("--root", type=click.Path(path_type=Path), help="Dataset root (default: $LTBENCH_DATA/<dataset>).")
+@click.option("--root", type=click.Path(path_type=Path),
+              help="Dataset root (default: $LTBENCH_DATA/<dataset>; mvtec and visa: the shipped file list).")
 @click.option("--out", type=click.Path(path_type=Path),
               help="Manifest CSV to write; the JSON goes beside it (default: splits-out/<dataset>/<config>.csv).")
 @click.option("--from-list", "from_list", type=click.Path(path_type=Path),
@@ -49,11 +53,17 @@ def make_split(dataset: str, profile: str | None, beta: float | None, reverse: b
         raise click.UsageError("give --type and --beta (the recipe), or --from-list FILE (a given image list)")
     check_recipe(profile, beta, seed)
     json_out = manifest_json_path(out) if out is not None else None  # fail before any work
-    root_path, source = resolve_root(dataset, root)
-    click.echo(f"Using {source}.")
-    catalog = open_catalog(dataset, root_path)
-    manifest = build_split(catalog, profile, beta, reverse=reverse, seed=seed)
-    manifest.verify(root_path)
+    if root is None and not os.environ.get("LTBENCH_DATA") and has_file_list(dataset):
+        # a manifest needs only file names: the shipped official list gives them without the images
+        click.echo(f"No root given: building from the official {dataset} file list shipped with LTBench "
+                   f"(check a local copy against it with: ltbench verify --dataset {dataset} --root DIR).")
+        manifest = build_split(source_catalog(dataset), profile, beta, reverse=reverse, seed=seed)
+    else:
+        root_path, source = resolve_root(dataset, root)
+        click.echo(f"Using {source}.")
+        catalog = open_catalog(dataset, root_path)
+        manifest = build_split(catalog, profile, beta, reverse=reverse, seed=seed)
+        manifest.verify(root_path)
     out = out if out is not None else Path("splits-out") / dataset / f"{manifest.config}.csv"
     json_out = manifest_json_path(out)
     manifest.write(out)
@@ -77,7 +87,7 @@ def _make_split_from_list(dataset: str, from_list: Path, profile: str | None, be
         manifest_json_path(out)  # fail before any work
     catalog = list_catalog(dataset, root)
     manifest = manifest_from_list(from_list, catalog)
-    if root is not None or not hasattr(dataset_module(dataset), "catalog_from_file_list"):
+    if root is not None or not has_file_list(dataset):
         manifest.verify(catalog.root)  # the listed images are present under the given root
     out = out if out is not None else Path("splits-out") / dataset / f"{manifest.config}.csv"
     manifest.write(out)
