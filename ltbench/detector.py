@@ -66,6 +66,7 @@ BUILTIN_DETECTORS: dict[str, str] = {
     "uniad_align": "baselines.uniad:UniADAlign",
     "ltad": "ltad_model:LTAD",
     "ltad_wo_sad": "ltad_model:LTADWithoutSAD",
+    "regad": "baselines.regad:RegAD",
 }
 ENTRY_POINT_GROUP = "ltbench.detectors"
 REQUIRED_MEMBERS = ("Config", "fit", "predict", "save", "load")
