@@ -14,7 +14,7 @@ import click
 from ltbench import __version__
 from ltbench.errors import LTBenchError
 
-COMMAND_MODULES = ("splits", "run", "cache", "hf", "ltad")
+COMMAND_MODULES = ("splits", "run", "report", "cache", "hf", "ltad")
 
 
 class LTBenchGroup(click.Group):

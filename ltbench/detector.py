@@ -67,6 +67,7 @@ BUILTIN_DETECTORS: dict[str, str] = {
     "draem": "baselines.draem:DRAEM",
     "ltad": "ltad_model:LTAD",
     "ltad_wo_sad": "ltad_model:LTADWithoutSAD",
+    "regad": "baselines.regad:RegAD",
 }
 ENTRY_POINT_GROUP = "ltbench.detectors"
 REQUIRED_MEMBERS = ("Config", "fit", "predict", "save", "load")

@@ -41,13 +41,18 @@ def unique_name(stem: str, used: set[str]) -> str:
 
 
 def write_results(run_dir: Path, evaluation: Evaluation, model: str, split: str, records: Sequence[Record],
-                  scores: np.ndarray) -> None:
+                  scores: np.ndarray, diagnostics: dict | None = None) -> None:
     """Write metrics.json, per_class.csv and scores.csv into a run directory.
 
     Parameters: evaluation: what `ltbench.metrics.evaluate` returned; model, split: their names
-    ("ltad", "mvtec/exp100"); records: the N test records; scores: (N,) image scores in their order.
+    ("ltad", "mvtec/exp100"); records: the N test records; scores: (N,) image scores in their order;
+    diagnostics: the detector's `diagnostics_` (JSON-ready facts about the trained model), kept in
+    metrics.json under "diagnostics" when given.
     """
-    io.write_json(run_dir / METRICS_FILE, evaluation.to_json(model, split))
+    document = evaluation.to_json(model, split)
+    if diagnostics:
+        document["diagnostics"] = diagnostics
+    io.write_json(run_dir / METRICS_FILE, document)
     write_csv(run_dir / PER_CLASS_FILE, ["class_name", "group", *METRIC_KEYS],
               ([name, values["group"], *(values.get(key, float("nan")) for key in METRIC_KEYS)]
                for name, values in evaluation.per_class.items()))

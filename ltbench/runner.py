@@ -9,12 +9,14 @@ CLI supplies, and tqdm bars; it never prints.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import platform
 import random
 import shlex
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from importlib import metadata
@@ -72,6 +74,7 @@ class RunOptions:
     batch_size: int = 16                 # test images per predict() call
     overlays_per_class: int = 3          # overlay PNGs written per class
     progress: bool = True                # show tqdm bars
+    report: bool = True                  # write report.html into the finished run directory
     command: str = ""                    # the command line, recorded in config.json
 
     def __post_init__(self) -> None:
@@ -274,6 +277,7 @@ def _plan(options: RunOptions, log: RunLog) -> _Plan:
         "dataset": manifest.dataset,
         "root": str(catalog.root),
         "manifest_csv_sha256": manifest.csv_sha256,
+        "source_fingerprint": manifest.source_fingerprint,  # the leaderboard groups seeds of one file list
         "class_order": list(manifest.class_order),
         "high": list(manifest.high),
         "low": list(manifest.low),
@@ -315,7 +319,8 @@ def run(options: RunOptions, report: Reporter | None = None) -> RunResult:
     log(f"Command: {options.command}", echo=False)
 
     try:
-        evaluation = _train_predict_evaluate(plan, options, log)
+        with model_messages(log):
+            evaluation = _train_predict_evaluate(plan, options, log)
     except BaseException as exc:
         if not main:
             raise
@@ -335,12 +340,43 @@ def run(options: RunOptions, report: Reporter | None = None) -> RunResult:
         if plan.final.exists():
             raise RunError(f"{plan.final} appeared while this run was working; the result stays in {plan.partial}")
         os.rename(plan.partial, plan.final)
+        if options.report:  # after the rename: the page shows the run directory as it stays
+            from ltbench.report import write_run_report
+
+            page = write_run_report(plan.final)
+            if report is not None:
+                report(f"Report: {page}")
         if report is not None:
             report(f"Run directory: {plan.final}")
     if current.enabled:
         distributed.barrier()
         distributed.cleanup()
     return RunResult(run_dir=plan.final, evaluation=evaluation, record=plan.record)
+
+
+MODEL_LOGGER = "ltbench.model"  # detectors log training diagnostics here; the run copies them into log.txt
+
+
+@contextlib.contextmanager
+def model_messages(log: RunLog) -> Iterator[None]:
+    """Copy what detectors log to `ltbench.model` (INFO and above) into the run's log, warnings marked."""
+
+    class ToRunLog(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            prefix = "Warning: " if record.levelno >= logging.WARNING else ""
+            log(prefix + record.getMessage())
+
+    logger = logging.getLogger(MODEL_LOGGER)
+    handler, level, propagate = ToRunLog(logging.INFO), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # shown once, through the run's log, not again by Python's last-resort handler
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _train_predict_evaluate(plan: _Plan, options: RunOptions, log: RunLog) -> Any:
@@ -419,7 +455,8 @@ def _train_predict_evaluate(plan: _Plan, options: RunOptions, log: RunLog) -> An
     evaluation = metrics.evaluate(manifest, records, final_scores, anomaly_maps, masks)
     for warning in evaluation.warnings:
         log(f"Warning: {warning}")
-    write_results(plan.partial, evaluation, spec.name, manifest.name, records, final_scores)
+    write_results(plan.partial, evaluation, spec.name, manifest.name, records, final_scores,
+                  diagnostics=getattr(detector, "diagnostics_", None))
     written = write_overlays(plan.partial, catalog, manifest.class_order, records, final_scores, anomaly_maps,
                              masks, options.overlays_per_class)
     log(f"Wrote metrics, per-class table, {len(records)} image scores and {written} overlays")

@@ -10,8 +10,8 @@ from ltbench.cli import COMMAND_MODULES, add_commands, main
 
 def test_every_command_is_registered() -> None:
     assert set(main.commands) == {"make-split", "list-splits", "show-split", "verify", "run", "leaderboard",
-                                  "predict", "cache", "download", "export-hf", "inspect-names"}
-    assert COMMAND_MODULES == ("splits", "run", "cache", "hf", "ltad")
+                                  "predict", "report", "cache", "download", "export-hf", "inspect-names"}
+    assert COMMAND_MODULES == ("splits", "run", "report", "cache", "hf", "ltad")
 
 
 def test_a_misspelt_command_module_is_an_error_not_a_missing_command() -> None:

@@ -106,7 +106,7 @@ def test_run_writes_the_run_directory(tiny, finished):
     out, run_dir, output = finished
     assert run_dir.parent == out / "tests.mean_detector.MeanDetector" / "folder-exp2"
     assert {p.name for p in run_dir.iterdir()} == {
-        "config.json", "model", "metrics.json", "per_class.csv", "scores.csv", "maps", "log.txt"}
+        "config.json", "model", "metrics.json", "per_class.csv", "scores.csv", "maps", "log.txt", "report.html"}
     assert not [p for p in run_dir.parent.iterdir() if p.name.startswith(".")]  # no partial left behind
 
     record = json.loads((run_dir / "config.json").read_text())
@@ -451,3 +451,14 @@ def test_seed_reaches_the_detector_config_and_defaults_to_it(tiny, monkeypatch):
     overridden = _plan(RunOptions(model=model, split=str(manifest), root=str(root), seed=5,
                                   set_values=("seed=9",)), RunLog(None))
     assert (overridden.config.seed, overridden.record["seed"]) == (9, 5)
+
+
+def test_model_messages_reach_the_log_and_diagnostics_reach_metrics_json(tiny, tmp_path):
+    result = invoke(*run_args(tiny, tmp_path, model="tests.mean_detector:ReportingMeanDetector"))
+    assert result.exit_code == 0, result.output
+    (run_dir,) = run_dirs(tmp_path)
+    log = (run_dir / "log.txt").read_text()
+    assert "fit saw" in log and "Warning: the test warning" in log
+    assert "Warning: the test warning" in result.output  # shown to the user once, through the run's log
+    document = json.loads((run_dir / "metrics.json").read_text())
+    assert document["diagnostics"] == {"train_images_seen": 1, "note": "from the detector"}

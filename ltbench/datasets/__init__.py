@@ -21,6 +21,7 @@ from types import ModuleType
 
 from ltbench.datasets.base import ANOMALY, NORMAL, ArchiveSource, Catalog, DatasetInfo, Record
 from ltbench.errors import DatasetError
+from ltbench.resources import DATA_FILES
 
 __all__ = [
     "ANOMALY",
@@ -44,7 +45,6 @@ __all__ = [
 ]
 
 DATASETS = ("mvtec", "visa", "dagm", "synth", "folder")
-DATA_FILES = Path(__file__).resolve().parent.parent / "data_files"
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 
 
