@@ -312,7 +312,10 @@ TINY_FIELDS = {
     "rm_hidden": 16, "rm_heads": 2, "rm_encoder_layers": 1, "rm_decoder_layers": 1, "rm_feedforward": 32,
     "rm_neighbor_size": 3,
     "reconstructive_width": 4, "discriminative_width": 4, "input_size": 64, "generated_textures": 8,  # DRAEM
+    "support_draws": 1,  # RegAD
 }
+# detectors whose backbones are trainable stages, not a frozen encoder: their own tiny network
+TINY_BACKBONE = {"regad": "tiny"}
 
 
 @pytest.fixture
@@ -324,7 +327,8 @@ def isolated_home(tmp_path, monkeypatch):
 def test_every_registered_detector_passes_check_detector(name, tmp_path, isolated_home):
     cls = get_detector_class(name)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
-    config = make_config(cls.Config, {k: v for k, v in TINY_FIELDS.items() if k in fields})
+    tiny = {**TINY_FIELDS, "backbone": TINY_BACKBONE.get(name, TINY_FIELDS["backbone"])}
+    config = make_config(cls.Config, {k: v for k, v in tiny.items() if k in fields})
     images, class_idx = pattern_images(n_classes=3, per_class=4, seed=1)
     # class names from the tiny-align vocabulary (detectors with a text encoder read them)
     train = TensorTrainSet(images, class_idx, ["bottle", "metal_nut", "screw"], tmp_path / "checkpoints")
