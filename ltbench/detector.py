@@ -66,6 +66,8 @@ BUILTIN_DETECTORS: dict[str, str] = {
     "uniad_align": "baselines.uniad:UniADAlign",
     "ltad": "ltad_model:LTAD",
     "ltad_wo_sad": "ltad_model:LTADWithoutSAD",
+    "patchcore": "baselines.patchcore:PatchCore",
+    "mkd": "baselines.mkd:MKD",
 }
 ENTRY_POINT_GROUP = "ltbench.detectors"
 REQUIRED_MEMBERS = ("Config", "fit", "predict", "save", "load")
