@@ -41,6 +41,9 @@ class MKDConfig:
     score_layers: tuple[str, ...] = ("pool3", "pool4", "pool5")
     # student conv widths per max-pool stage (network.py cfg 'B', the "cloner")
     student_stages: tuple[tuple[int, ...], ...] = CLONER_B
+    # a ReLU between each stage's last conv and its pool (network.py make_layers); needed off for a teacher whose
+    # maps are signed (EfficientNet's linear bottleneck outputs), which a ReLU'd student could never match
+    student_pool_relu: bool = True
     # the student stage whose pooled output matches each teacher layer (pool2-pool5 = stages 1-4)
     student_taps: tuple[int, ...] = (1, 2, 3, 4)
     input_size: int = 128  # student (and VGG teacher) input side, unnormalised [0, 1] (config mvtec_img_size 128)
@@ -49,6 +52,9 @@ class MKDConfig:
     # full passes over the training set: config num_epochs 601 and train.py loops range(num_epochs + 1)
     epochs: int = 602
     batch_size: int = 64  # config.yaml batch_size
+    # the teacher sees the student's unnormalised [0, 1] input at input_size (official: VGG-16 fed the raw 128×128
+    # tensor, dataloader.py L71-83); False: the teacher backbone's own input contract (size, normalisation)
+    teacher_raw_input: bool = True
     # guided backprop also through the teacher's path (official: the loss's gradient flows through both networks)
     teacher_gradient: bool = True
     blur_sigma: float = 4.0  # gbp_localization: gaussian_filter(sigma=4)
@@ -95,14 +101,26 @@ class MKD(FeatureDetector):
         # deeper layer, as the official drops its shallowest training layer; no teacher backward (CPU cost)
         "quick": {"backbone": "lite", "teacher_layers": ["block4", "block10"], "score_layers": ["block10"],
                   "student_stages": [[16, 40], [16, 16, 112]], "student_taps": [0, 1], "input_size": 56,
-                  "epochs": 10, "batch_size": 16, "teacher_gradient": False},
+                  "student_pool_relu": False, "epochs": 10, "batch_size": 16, "teacher_raw_input": False,
+                  "teacher_gradient": False},
     }
 
     def build_module(self, meta: MKDMeta) -> nn.Module:
         """The student network (weights from `fit` or `load`)."""
-        return Cloner(self.config.student_stages)
+        return Cloner(self.config.student_stages, self.config.student_pool_relu)
 
     # ------------------------------------------------------------------ teacher and student
+
+    def backbone(self, device: torch.device | str):
+        """The teacher backbone; with `teacher_raw_input` its encoder takes the raw input at `input_size`.
+
+        The input contract is part of the encoder's digest, so cached maps of the two contracts never mix.
+        """
+        backbone = super().backbone(device)
+        if self.config.teacher_raw_input:
+            backbone.image.pixel_mean, backbone.image.pixel_std = 0.0, 1.0
+            backbone.image.input_size = self.config.input_size
+        return backbone
 
     def _teacher_maps(self, images: Tensor, layers: tuple[str, ...], grad: bool = False) -> list[Tensor]:
         """The teacher's maps of `layers` for images (B, 3, 224, 224) in [0, 1], on the teacher's device.
@@ -120,8 +138,10 @@ class MKD(FeatureDetector):
     def _student_maps(self, student: nn.Module, images: Tensor, layers: tuple[str, ...]) -> list[Tensor]:
         """The student's maps matching teacher `layers`, for images (B, 3, 224, 224) in [0, 1]."""
         c = self.config
-        pixels = F.interpolate(images, size=(c.input_size, c.input_size), mode="bilinear", align_corners=False,
-                               antialias=True)  # torchvision Resize (PIL bilinear) of the official loader
+        pixels = images
+        if pixels.shape[-1] != c.input_size:  # torchvision Resize (PIL bilinear) of the official loader
+            pixels = F.interpolate(pixels, size=(c.input_size, c.input_size), mode="bilinear", align_corners=False,
+                                   antialias=True)
         pooled = student(pixels)
         return [pooled[c.student_taps[c.teacher_layers.index(name)]] for name in layers]
 
@@ -172,14 +192,18 @@ class MKD(FeatureDetector):
     def scores_and_gradients(self, images: Tensor, class_idx: Tensor) -> tuple[Tensor, Tensor]:
         """Per-image scores (B,) and guided-backprop gradients of each score with respect to its input.
 
-        Returns: scores (B,) float32 and gradients (B, 3, S, S) at the teacher's input side S (the input the
-        official saliency is taken on), both on the model's device. Images are independent in eval mode,
-        so one backward of the summed scores gives every image's own gradient.
+        Returns: scores (B,) float32 and gradients (B, 3, S, S) at the teacher's input side S (128 for the raw
+        VGG-16 teacher: the input the official saliency is taken on; 224 for `lite`), both on the model's device.
+        Images are independent in eval mode, so one backward of the summed scores gives each image's gradient.
         """
         c = self.config
         device = self.check_inputs(images, class_idx)
         self.module_.eval()
-        pixels = images.to(device, torch.float32).requires_grad_(True)
+        side = self.image_encoder(device).input_size
+        pixels = images.to(device, torch.float32)
+        if pixels.shape[-1] != side:  # the teacher and the student then both see this tensor unchanged
+            pixels = F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+        pixels = pixels.detach().requires_grad_(True)
         with guided_relus(self.module_), torch.enable_grad():  # predict may be called under no_grad
             teacher = self._teacher_maps(pixels, c.score_layers, grad=c.teacher_gradient)
             scores = distillation_loss(self._student_maps(self.module_, pixels, c.score_layers), teacher, c.lam)

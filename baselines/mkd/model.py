@@ -30,11 +30,12 @@ class Cloner(nn.Module):
     """The MKD student: VGG-like stages of conv3×3 ending in a 2×2 max-pool; returns every stage's pooled output.
 
     Parameters: stages: conv widths per stage (official `CLONER_B`); the last width of a stage whose
-    output is compared must equal the teacher's channels there.
+    output is compared must equal the teacher's channels there; pool_relu: the ReLU between the last conv
+    of a stage and its pool (official; without it the student can also match signed teacher maps).
     Module names follow the official `features` Sequential, so `features.N.*` keys match its checkpoints.
     """
 
-    def __init__(self, stages: Sequence[Sequence[int]] = CLONER_B):
+    def __init__(self, stages: Sequence[Sequence[int]] = CLONER_B, pool_relu: bool = True):
         super().__init__()
         layers: list[nn.Module] = []
         self.pool_indices: list[int] = []
@@ -44,7 +45,10 @@ class Cloner(nn.Module):
                 conv = nn.Conv2d(channels, width, kernel_size=3, padding=1, bias=False)
                 nn.init.xavier_uniform_(conv.weight)
                 before_pool = position == len(widths) - 1  # make_layers: no BN when the next item is 'M'
-                layers += [conv, nn.ReLU(inplace=True)] if before_pool else [conv, nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+                if before_pool:
+                    layers += [conv, nn.ReLU(inplace=True)] if pool_relu else [conv]
+                else:
+                    layers += [conv, nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
                 channels = width
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             self.pool_indices.append(len(layers) - 1)

@@ -136,13 +136,14 @@ class PatchCore(FeatureDetector):
         encoder = self.image_encoder(device)
         data = self.encode_training_set(train, c.feature_layers, scope="all")
         groups = self._bank_members(data.class_idx, train.class_names)
-        generator = torch.Generator().manual_seed(c.seed)
-        banks = [self._coreset(data, members, device, generator) for members in groups]
+        sizes = tuple(coreset_size(len(members) * self._patches(data), c.coreset_fraction) for members in groups)
         meta = PatchCoreMeta(backbone=c.backbone, backbone_digest=encoder.digest, feature_layers=tuple(c.feature_layers),
-                             class_names=tuple(train.class_names), bank_sizes=tuple(len(b) for b in banks),
-                             feature_dim=c.target_dim, train_patches=self._patches(data) * len(data))
-        module = self.build_module(meta).to(device)
-        module.features.copy_(torch.cat(banks))
+                             class_names=tuple(train.class_names), bank_sizes=sizes, feature_dim=c.target_dim,
+                             train_patches=self._patches(data) * len(data))
+        module = self.build_module(meta).to(device)  # filled bank by bank: no second copy of the banks
+        generator = torch.Generator().manual_seed(c.seed)
+        for index, members in enumerate(groups):
+            self._coreset(data, members, generator, module.bank(index))
         return module, meta
 
     def _bank_members(self, class_idx: Tensor, class_names: list[str]) -> list[Tensor]:
@@ -170,18 +171,19 @@ class PatchCore(FeatureDetector):
             maps = [m[chosen].to(device, torch.float32) for m in data.maps]
             yield start * self._patches(data), self.embed(maps).flatten(0, 1)
 
-    def _coreset(self, data: TrainingFeatures, members: Tensor, device: torch.device,
-                 generator: torch.Generator) -> Tensor:
-        """The coreset of the patches of training images `members`: (count, D) float32 on `device`.
+    def _coreset(self, data: TrainingFeatures, members: Tensor, generator: torch.Generator, bank: Tensor) -> None:
+        """Write the coreset of the patches of training images `members` into `bank` (count, D), on its device.
 
         Only the 128-d projections of all patches are held (N × 128); the full features of the chosen
         patches are recomputed chunk by chunk, so memory stays O(N · 128 + count · D).
         """
         c = self.config
+        device, count = bank.device, len(bank)
         total = len(members) * self._patches(data)
-        count = coreset_size(total, c.coreset_fraction)
         if count == total:  # the official IdentitySampler: every patch
-            return torch.cat([features for _, features in self._chunks(data, members, device)])
+            for first, features in self._chunks(data, members, device):
+                bank[first:first + len(features)] = features
+            return
         weights = random_projection(c.target_dim, c.coreset_projection, generator).to(device)  # (128, D)
         projected = torch.cat([features @ weights.T for _, features in self._chunks(data, members, device)])
         chosen = greedy_coreset(projected, count, draw_starts(total, c.coreset_starts, generator),
@@ -189,12 +191,10 @@ class PatchCore(FeatureDetector):
         del projected
         slot = torch.full((total,), -1, dtype=torch.int64)
         slot[chosen] = torch.arange(count)  # where each chosen patch goes in the bank (selection order)
-        bank = torch.empty(count, c.target_dim, device=device)
         for first, features in self._chunks(data, members, device):
             where = slot[first:first + len(features)]
             keep = torch.nonzero(where >= 0).flatten()
             bank[where[keep].to(device)] = features[keep.to(device)]
-        return bank
 
     # ------------------------------------------------------------------ inference
 
