@@ -127,7 +127,7 @@ def test_mkd_passes_the_conformance_check_with_a_one_image_class(train_images, t
     config = MKDConfig(**RAW, epochs=1)
     detector = check_detector(MKD, train, config=config, work_dir=tmp_path)
     assert detector.image_encoder("cpu").input_size == 112 and detector.image_encoder("cpu").pixel_std == 1.0
-    scores, gradients = detector.scores_and_gradients(train_images[:2], torch.tensor([0, 1]))
+    _, gradients = detector.scores_and_gradients(train_images[:2], torch.tensor([0, 1]))
     assert gradients.shape == (2, 3, 112, 112) and bool(gradients.abs().sum() > 0)
     images = train_images[3:5]
     before = detector.predict(images, torch.tensor([1, 0]))
