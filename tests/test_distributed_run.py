@@ -1,14 +1,11 @@
-"""`ltbench run` under torchrun with 2 CPU processes (gloo) against the same run in 1 process.
+"""`ltbench run` under torchrun with 2 CPU processes (gloo): one run directory, written once, every test image once.
 
-Tolerance: every All-classes metric of the 2-process run lies within 0.02 (2 points of a
-percentage) of the 1-process run. The runs differ only in how the training images are split
-into batches (each rank trains on its half, gradients averaged), so the models are close, not equal.
+That the trained weights equal a one-process run's is `test_data_parallel_exact.py`.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import socket
 import subprocess
@@ -18,11 +15,9 @@ from pathlib import Path
 import pytest
 
 from ltbench.datasets.folder import read_catalog
-from ltbench.metrics import METRIC_KEYS
 from ltbench.splits import build_split
 from tests.fakes import SPOT_BAD, SPOT_CLASSES, SPOT_GOOD, make_spot_tree
 
-TOLERANCE = 0.02
 SETTINGS = ["backbone=lite", "hidden=32", "heads=2", "encoder_layers=1", "decoder_layers=1", "feedforward=64",
             "dropout=0.0", "epochs=10", "lr=1e-3", "batch_size=2"]
 
@@ -57,17 +52,15 @@ def runs(tmp_path_factory):
     split = base / "split" / "tiny.csv"
     build_split(read_catalog(tree), "exp", 2).write(split)
     home = base / "home"
-    single = _run([sys.executable], tree, split, base / "out1", home)
-    assert single.returncode == 0, single.stderr[-3000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
     double = _run(torchrun, tree, split, base / "out2", home)
     assert double.returncode == 0, double.stderr[-3000:]
-    return _only_run_dir(base / "out1"), _only_run_dir(base / "out2"), double
+    return _only_run_dir(base / "out2"), double
 
 
 def test_two_processes_write_one_run_directory_once(runs):
-    _, run_dir, double = runs
+    run_dir, double = runs
     assert double.stdout.count("Run directory:") == 1  # only rank 0 reports (its final line)
     assert double.stdout.count("All (2)") == 1         # and prints the table once
     assert "Distributed: 2 processes (cpu)" in double.stderr
@@ -75,12 +68,3 @@ def test_two_processes_write_one_run_directory_once(runs):
     expected = len(SPOT_CLASSES) * (SPOT_GOOD + SPOT_BAD)
     assert len(rows) == expected and len({r["image"] for r in rows}) == expected  # every test image exactly once
     assert (run_dir / "model" / "model.safetensors").is_file()
-
-
-def test_two_process_metrics_match_one_process(runs):
-    one, two, _ = runs
-    summary_one = json.loads((one / "metrics.json").read_text())["summary"]["all"]
-    summary_two = json.loads((two / "metrics.json").read_text())["summary"]["all"]
-    assert summary_one["pixel_auroc"] > 0.9  # the model learned something worth comparing
-    for key in METRIC_KEYS:
-        assert abs(summary_one[key] - summary_two[key]) <= TOLERANCE, (key, summary_one[key], summary_two[key])

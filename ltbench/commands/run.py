@@ -53,7 +53,8 @@ def _info(line: str) -> None:
 @click.option("--resume", type=click.Path(path_type=Path), metavar="RUN_DIR",
               help="Continue an interrupted run (its .partial folder, or the run directory it will become).")
 @click.option("--backbone", metavar="NAME",
-              help="Frozen backbone (align, align:/path, lite, tiny-align); shorthand for --set backbone=NAME.")
+              help="Frozen backbone (align, lite, tiny-align, efficientnet-b7, resnet18, wide_resnet50_2, vgg16; "
+                   "NAME:/path for local weights); shorthand for --set backbone=NAME.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Test images per predict call.")
 @click.option("--overlays", "overlays_per_class", type=click.IntRange(min=0), default=3, show_default=True,
