@@ -157,3 +157,28 @@ def test_presets_paper_is_the_official_recipe_and_quick_runs_on_lite():
     quick = make_config(MKDConfig, MKD.PRESETS["quick"])
     assert quick.backbone == "lite" and quick.epochs <= 10
     assert make_config(MKDConfig, json.loads(json.dumps(dataclasses.asdict(quick)))) == quick
+
+
+def test_the_paper_preset_distils_vgg16_pool2_to_pool5_at_128(train_images, tmp_path):
+    # random VGG-16 weights in the on-disk format of a user's download, loaded through the same code path
+    from safetensors.torch import save_file
+
+    from ltbench import imagenet
+
+    weights = tmp_path / "vgg16" / "model.safetensors"
+    weights.parent.mkdir()
+    save_file(imagenet.vgg16_features(seed=1).state_dict(), str(weights))
+    paper = {**MKD.PRESETS["paper"], "backbone": f"vgg16:{weights}", "epochs": 1, "batch_size": 2}
+    detector = MKD(make_config(MKDConfig, paper)).fit(two_classes(train_images[:2], tmp_path / "checkpoints"))
+    encoder = detector.image_encoder("cpu")
+    assert (encoder.input_size, encoder.pixel_mean, encoder.pixel_std) == (128, 0.0, 1.0)  # raw 128×128 input
+    images = train_images[2:3]
+    teacher = detector._teacher_maps(images, detector.config.teacher_layers)
+    student = detector._student_maps(detector.module_, images, detector.config.teacher_layers)
+    shapes = [(1, 128, 32, 32), (1, 256, 16, 16), (1, 512, 8, 8), (1, 512, 4, 4)]  # notes section 9
+    assert [tuple(t.shape) for t in teacher] == shapes and [tuple(s.shape) for s in student] == shapes
+    scores, gradients = detector.scores_and_gradients(images, torch.tensor([0]))
+    assert gradients.shape == (1, 3, 128, 128)  # the saliency is taken on the 128×128 input, as officially
+    prediction = detector.predict(images, torch.tensor([0]))
+    assert prediction.anomaly_maps.shape == (1, 224, 224) and float(prediction.anomaly_maps.min()) >= 0
+    assert torch.equal(prediction.image_scores, scores.cpu())

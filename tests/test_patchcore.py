@@ -226,3 +226,17 @@ def test_presets_paper_is_the_official_baseline_and_quick_runs_on_lite():
     quick = make_config(PatchCoreConfig, PatchCore.PRESETS["quick"])
     assert quick.backbone == "lite" and quick.feature_layers == ("block4", "block10")
     assert make_config(PatchCoreConfig, json.loads(json.dumps(dataclasses.asdict(quick)))) == quick
+
+
+def test_the_paper_presets_layers_give_784_patches_of_1024_dims():
+    # the real Wide-ResNet-50-2 on the meta device (no memory, no compute): layer2 + layer3 of notes section 9
+    from ltbench import imagenet
+    from ltbench.imagenet_encoders import TorchvisionImageEncoder
+
+    with torch.device("meta"):
+        encoder = TorchvisionImageEncoder("wide_resnet50_2", imagenet.wide_resnet50_2(), device="meta")
+    paper = make_config(PatchCoreConfig, PatchCore.PRESETS["paper"])
+    maps = encoder.encode_image(torch.rand(2, 3, 224, 224)).maps
+    assert [tuple(maps[name].shape) for name in paper.feature_layers] == [(2, 512, 28, 28), (2, 1024, 14, 14)]
+    patches = memory.patch_embeddings([maps[name] for name in paper.feature_layers], paper.pretrain_dim, paper.target_dim)
+    assert tuple(patches.shape) == (2, 784, 1024)

@@ -132,7 +132,8 @@ class MKD(FeatureDetector):
         if not grad:
             maps = FeatureCache(progress=False).encode(encoder, images).maps
             return [maps[name] for name in layers]
-        computed = dict(zip(encoder.layer_names, encoder._forward(encoder.preprocess(images))))
+        maps, _ = encoder._forward(encoder.preprocess(images))  # differentiable: the encoder only freezes weights
+        computed = dict(zip(encoder.layer_names, maps))
         return [computed[name] for name in layers]
 
     def _student_maps(self, student: nn.Module, images: Tensor, layers: tuple[str, ...]) -> list[Tensor]:
