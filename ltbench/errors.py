@@ -41,5 +41,9 @@ class DownloadError(LTBenchError):
     """A download failed, did not verify, or an archive is unsafe."""
 
 
+class DependencyError(LTBenchError):
+    """An optional dependency (an extra such as `ltbench[hub]`) is not installed."""
+
+
 class WeightsMismatchError(BackboneError):
     """A weights file's keys or shapes do not fit the network it is loaded into."""

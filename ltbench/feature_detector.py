@@ -191,12 +191,40 @@ class FeatureDetector(TorchDetector, abc.ABC):
 # ----------------------------------------------------------------------------- helpers
 
 
-def patch_tokens(maps: Sequence[Tensor], grid: int) -> Tensor:
-    """Feature maps → patch tokens (B, grid², ΣC_l): each map resized bilinearly to grid × grid, stacked, row-major."""
+def training_images(train: TrainSet) -> tuple[Tensor, Tensor]:
+    """Every training image of every rank, in the TrainSet's order, held on the CPU as 8-bit RGB.
+
+    For detectors that train on raw images and need any image at any step (RegAD draws support
+    images of a query's class). 8 bits hold the runner's images exactly (they are read from 8-bit
+    files); other inputs are rounded to the nearest 1/255.
+    Returns: (images (N, 3, 224, 224) uint8, class_idx (N,) int64). Raises `DetectorError` when empty.
+    """
+    images, labels = [], []
+    for batch, class_idx in train.batches(ENCODE_BATCH, shuffle=False):
+        images.append(batch.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).cpu())
+        labels.append(class_idx.to("cpu", torch.int64))
+    local = TrainingFeatures([torch.cat(images)] if images else [], torch.zeros(sum(len(i) for i in images), 0),
+                             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64))
+    if distributed.info().enabled:
+        local = _gather_shards(local, distributed.gather(local), getattr(train, "total", None))
+    if len(local) == 0:
+        raise DetectorError("the training set is empty; at least one normal image is needed")
+    return local.maps[0], local.class_idx
+
+
+def patch_tokens(maps: Sequence[Tensor], grid: int, antialias: bool = False) -> Tensor:
+    """Feature maps → patch tokens (B, grid², ΣC_l): each map resized bilinearly to grid × grid, stacked, row-major.
+
+    antialias: average over the source pixels a token covers when downsampling (without it,
+    bilinear 112² → 14² reads 2×2 of every 8×8 pixels and never samples about 3/4 of the map).
+    """
     from collections import OrderedDict
 
     from ltbench.backbones import to_patch_tokens
 
+    if antialias:
+        maps = [m if m.shape[-2:] == (grid, grid) else
+                F.interpolate(m, size=(grid, grid), mode="bilinear", align_corners=False, antialias=True) for m in maps]
     named = OrderedDict((str(index), m) for index, m in enumerate(maps))
     return to_patch_tokens(named, grid=grid).flatten(2).transpose(1, 2).contiguous()  # (B, N, ΣC_l)
 

@@ -18,19 +18,24 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
 import numpy as np
-import pyarrow.parquet as pq
-import yaml
-from datasets.table import embed_table_storage
 from PIL import Image, UnidentifiedImageError
 
 from ltbench import __version__
+from ltbench.datasets import dataset_info
 from ltbench.datasets.base import NORMAL, Catalog
-from ltbench.download import TERMS
-from ltbench.errors import DatasetError, LTBenchError, SplitError
+from ltbench.errors import DatasetError, DependencyError, LTBenchError, SplitError
 from ltbench.io import atomic_path, write_text
 from ltbench.splits import Manifest, format_beta, load_manifest, open_split
+
+try:  # the [hub] extra: a plain `pip install ltbench` has no `datasets` (nor its pyarrow and yaml)
+    import datasets
+    import pyarrow.parquet as pq
+    import yaml
+    from datasets.table import embed_table_storage
+except ModuleNotFoundError as _exc:
+    raise DependencyError(f"the Hugging Face commands need the package {_exc.name!r}: install them with "
+                          f"pip install 'ltbench[hub]'") from None
 
 LABEL_NAMES = ["normal", "anomaly"]   # index = Record.label (NORMAL = 0, ANOMALY = 1)
 GROUP_NAMES = ["high", "low"]         # majority / minority classes
@@ -215,7 +220,7 @@ def dataset_card(manifest: Manifest, result: ExportResult, features: datasets.Fe
         features; repo_id: the Hub repository, for the usage snippet (None: the local folder).
     Returns: the card's text.
     """
-    terms = TERMS[manifest.dataset]
+    terms = dataset_info(manifest.dataset)
     split_bytes = {s: sum(p.stat().st_size for p in paths) for s, paths in result.shards.items()}
     metadata = {
         "license": terms.licence_id,

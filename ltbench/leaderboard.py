@@ -20,10 +20,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ltbench.datasets import DATASETS, dataset_info
 from ltbench.errors import RunError
-from ltbench.runner import METRICS_FILE, run_sort_key
+from ltbench.resources import data_file
+from ltbench.rundir import finished_metrics_files, run_sort_key
 
-PAPER_RESULTS = Path(__file__).resolve().parent / "data_files" / "paper" / "ltad_cvpr2024_results.csv"
+PAPER_RESULTS = data_file("paper/ltad_cvpr2024_results.csv")
 # Column names of the paper's tables, in the paper's column order (Table 3).
 PAPER_METHODS = {
     "cutpaste": "Cut & Paste", "mkd": "MKD", "draem": "DRAEM", "regad": "RegAD", "uniad": "UniAD",
@@ -32,8 +34,6 @@ PAPER_METHODS = {
 SUMMARY_SOURCES = ("Table 3", "Table 4", "Table 5")  # the summary tables; the rest are supplementary
 TASKS = (("Det.", "image_auroc"), ("Seg.", "pixel_auroc"))
 METRIC_TITLES = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC"}
-DATASET_ORDER = ("mvtec", "visa", "dagm", "synth", "folder")
-DATASET_TITLES = {"mvtec": "MVTec", "visa": "VisA", "dagm": "DAGM"}
 REPORTED = " (reported)"
 MISSING = "N/A"
 
@@ -100,9 +100,7 @@ def collect_runs(runs_dir: Path, dataset: str | None = None) -> tuple[list[RunEn
     if not runs_dir.is_dir():
         raise RunError(f"runs folder {runs_dir} does not exist; run `ltbench run` first or give RUNS_DIR")
     found: dict[tuple[str, str], list[RunEntry]] = defaultdict(list)
-    for path in sorted(runs_dir.rglob(METRICS_FILE)):
-        if any(part.startswith(".") for part in path.relative_to(runs_dir).parts):
-            continue
+    for path in finished_metrics_files(runs_dir):
         entry = _read_metrics(path)
         if dataset is None or entry.dataset == dataset:
             found[(entry.model, entry.split)].append(entry)
@@ -163,7 +161,7 @@ def config_sort_key(config: str) -> tuple[int, int, bool, str]:
 
 
 def _dataset_key(dataset: str) -> tuple[int, str]:
-    return (DATASET_ORDER.index(dataset) if dataset in DATASET_ORDER else len(DATASET_ORDER)), dataset
+    return (DATASETS.index(dataset) if dataset in DATASETS else len(DATASETS)), dataset
 
 
 def format_fraction(value: Any) -> str:
@@ -179,7 +177,8 @@ def format_reported(value: float | None) -> str:
 
 
 def _title(dataset: str) -> str:
-    return DATASET_TITLES.get(dataset, dataset)
+    """The dataset's name in table titles ("MVTec", as the paper writes it); unknown names as they are."""
+    return dataset_info(dataset).table_title if dataset in DATASETS else dataset
 
 
 def _models(runs: list[RunEntry]) -> list[str]:
@@ -247,7 +246,7 @@ def per_class_tables(runs: list[RunEntry], datasets: list[str], with_paper: bool
                         rows.append([label + REPORTED, *(format_reported(v) for v in values)])
                 if not rows:
                     continue
-                long_tailed = "-LT" if dataset in DATASET_TITLES else ""  # the paper's name for its splits
+                long_tailed = "-LT" if dataset in DATASETS and dataset_info(dataset).paper_benchmark else ""
                 title = f"{_title(dataset)}{long_tailed} {config}: {METRIC_TITLES[metric]}, %"
                 tables.append(Table(title=title, keys={"dataset": dataset, "config": config, "metric": metric},
                                     columns=["Method", "All", "High", "Low", *classes], rows=rows))

@@ -9,16 +9,14 @@ CLI supplies, and tqdm bars; it never prints.
 
 from __future__ import annotations
 
-import csv
-import io as _text_io
-import json
+import contextlib
+import logging
 import os
 import platform
 import random
-import re
 import shlex
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from importlib import metadata
@@ -30,30 +28,29 @@ import torch
 from tqdm.auto import tqdm
 
 from ltbench import distributed, io
-from ltbench.data import RecordTrainSet, evaluation_batches, load_image, read_image_uint8
+from ltbench.data import RecordTrainSet, evaluation_batches
 from ltbench.detector import (
     IMAGE_SIZE,
     DetectorSpec,
     check_prediction,
     config_to_dict,
     make_config,
-    parse_set_values,
     resolve_detector,
 )
 from ltbench.errors import ConfigError, LTBenchError, RunError
-from ltbench.overlays import save_overlay, value_range
+from ltbench.results import write_overlays, write_results
+from ltbench.run_config import build_config, choose_device, choose_preset, jsonable
+from ltbench.rundir import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    LOG_FILE,
+    MODEL_DIR,
+    locate_partial,
+    new_partial_dir,
+    read_run_record,
+)
 
 DEFAULT_SPLIT = "synth/exp100"
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.json"
-PER_CLASS_FILE = "per_class.csv"
-SCORES_FILE = "scores.csv"
-LOG_FILE = "log.txt"
-MODEL_DIR = "model"
-MAPS_DIR = "maps"
-CHECKPOINT_DIR = "checkpoints"
-VALUE_RANGES_FILE = "value_ranges.json"  # in maps/: the colour range of each class's heat maps
-PARTIAL_SUFFIX = ".partial"
 VERSION_PACKAGES = ("ltbench", "torch", "numpy", "pandas", "pillow", "scikit-learn", "scipy", "safetensors",
                     "transformers")
 
@@ -77,6 +74,7 @@ class RunOptions:
     batch_size: int = 16                 # test images per predict() call
     overlays_per_class: int = 3          # overlay PNGs written per class
     progress: bool = True                # show tqdm bars
+    report: bool = True                  # write report.html into the finished run directory
     command: str = ""                    # the command line, recorded in config.json
 
     def __post_init__(self) -> None:
@@ -98,63 +96,6 @@ class RunResult:
 
 
 # ----------------------------------------------------------------------------- choices
-
-
-def choose_preset(detector_cls: type, split_name: str, preset: str | None) -> tuple[str | None, dict[str, Any], str]:
-    """Pick the preset: `preset` if given, else "quick" for synth/* splits, else "paper".
-
-    Returns: (preset name or None, its overrides, a sentence saying why). Raises `ConfigError`
-    for a preset the class does not define (listing those it does).
-    """
-    presets = getattr(detector_cls, "PRESETS", None) or {}
-    name = detector_cls.__qualname__
-    if preset is not None:
-        if preset not in presets:
-            known = ", ".join(sorted(presets)) or "none"
-            raise ConfigError(f"unknown preset {preset!r} for {name}; its presets: {known}")
-        return preset, dict(presets[preset]), f"{preset} (from --preset)"
-    default = "quick" if split_name.startswith("synth/") else "paper"
-    if default in presets:
-        why = "default on synth/* splits" if default == "quick" else "default off the synthetic set"
-        return default, dict(presets[default]), f"{default} ({why})"
-    if not presets:
-        return None, {}, f"none ({name} defines no PRESETS; using its Config defaults)"
-    return None, {}, f"none ({name} has no {default!r} preset; using its Config defaults)"
-
-
-def read_config_file(path: Path) -> dict[str, Any]:
-    """The JSON object of a `--config` file; errors name the file."""
-    path = Path(path)
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must hold a JSON object of config fields; got {type(values).__name__}")
-    return values
-
-
-def build_config(detector_cls: type, preset_values: dict[str, Any], config_file: Path | None,
-                 set_values: Sequence[str]) -> Any:
-    """`Config(**{**preset, **config file, **--set})`; unknown keys are errors listing the valid ones."""
-    values = dict(preset_values)
-    if config_file is not None:
-        values.update(read_config_file(config_file))
-    values.update(parse_set_values(detector_cls.Config, list(set_values)))
-    return make_config(detector_cls.Config, values)
-
-
-def choose_device(device: str | None) -> tuple[torch.device, str]:
-    """The device to run on and a sentence saying why."""
-    available = torch.cuda.is_available()
-    if device is None:
-        return (torch.device("cuda"), "cuda (default: a CUDA device is available)") if available \
-            else (torch.device("cpu"), "cpu (default: no CUDA device found)")
-    if device == "cuda" and not available:
-        raise ConfigError("--device cuda: no CUDA device is available on this machine; use --device cpu")
-    return torch.device(device), f"{device} (from --device)"
 
 
 def is_manifest_path(split: str) -> bool:
@@ -194,19 +135,6 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def jsonable(value: Any) -> Any:
-    """A config value as JSON: tuples become lists, paths strings."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python's, numpy's and torch's global generators."""
     random.seed(seed)
@@ -214,71 +142,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# ----------------------------------------------------------------------------- run folders
-
-
-_STAMP = re.compile(r"^(\d{8}-\d{6})(?:-(\d+))?$")
-
-
-def run_sort_key(run_dir: Path) -> tuple[str, int, float]:
-    """Order runs by their timestamp folder name (then the collision suffix), else by modification time."""
-    match = _STAMP.match(run_dir.name)
-    if match:
-        return match.group(1), int(match.group(2) or 0), 0.0
-    return "", 0, run_dir.stat().st_mtime
-
-
-def new_partial_dir(parent: Path) -> tuple[Path, Path]:
-    """Create `.<timestamp>.partial` under `parent`; returns (partial folder, final run folder).
-
-    The timestamp gets a suffix -1, -2, ... when a run of the same second exists, so that no
-    run directory is ever overwritten.
-    """
-    parent.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for n in range(1000):
-        name = stamp if n == 0 else f"{stamp}-{n}"
-        final = parent / name
-        partial = parent / f".{name}{PARTIAL_SUFFIX}"
-        if final.exists():
-            continue
-        try:
-            partial.mkdir()
-        except FileExistsError:
-            continue
-        return partial, final
-    raise RunError(f"cannot find a free run directory name under {parent}")
-
-
-def locate_partial(path: Path) -> tuple[Path, Path]:
-    """The partial folder of an interrupted run, given it or its final path; returns (partial, final)."""
-    path = Path(path)
-    if path.name.startswith(".") and path.name.endswith(PARTIAL_SUFFIX):
-        partial, final = path, path.parent / path.name[1:-len(PARTIAL_SUFFIX)]
-    else:
-        partial, final = path.parent / f".{path.name}{PARTIAL_SUFFIX}", path
-    if partial.is_dir():
-        if not (partial / CONFIG_FILE).is_file():
-            raise RunError(f"{partial} has no {CONFIG_FILE}; it is not a run folder LTBench can resume")
-        return partial, final
-    if (final / METRICS_FILE).is_file():
-        raise RunError(f"{final} is a finished run; there is nothing to resume (start a new run instead)")
-    raise RunError(f"no interrupted run at {path}: expected a folder {partial.name} made by `ltbench run`")
-
-
-def read_run_record(run_dir: Path) -> dict[str, Any]:
-    """The config.json of a run (finished or partial); errors name the file."""
-    path = Path(run_dir) / CONFIG_FILE
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunError(f"{path} is missing; is {run_dir} a run directory made by `ltbench run`?") from None
-    except json.JSONDecodeError as exc:
-        raise RunError(f"{path} is not valid JSON ({exc}); the run directory is damaged") from None
-    for key in ("model", "detector", "config", "split", "seed"):
-        if key not in record:
-            raise RunError(f"{path} lacks {key!r}; it was not written by `ltbench run`")
-    return record
+# ----------------------------------------------------------------------------- logging
 
 
 def resume_command(options: RunOptions, record: dict[str, Any], partial: Path) -> str:
@@ -454,7 +318,8 @@ def run(options: RunOptions, report: Reporter | None = None) -> RunResult:
     log(f"Command: {options.command}", echo=False)
 
     try:
-        evaluation = _train_predict_evaluate(plan, options, log)
+        with model_messages(log):
+            evaluation = _train_predict_evaluate(plan, options, log)
     except BaseException as exc:
         if not main:
             raise
@@ -474,12 +339,43 @@ def run(options: RunOptions, report: Reporter | None = None) -> RunResult:
         if plan.final.exists():
             raise RunError(f"{plan.final} appeared while this run was working; the result stays in {plan.partial}")
         os.rename(plan.partial, plan.final)
+        if options.report:  # after the rename: the page shows the run directory as it stays
+            from ltbench.report import write_run_report
+
+            page = write_run_report(plan.final)
+            if report is not None:
+                report(f"Report: {page}")
         if report is not None:
             report(f"Run directory: {plan.final}")
     if current.enabled:
         distributed.barrier()
         distributed.cleanup()
     return RunResult(run_dir=plan.final, evaluation=evaluation, record=plan.record)
+
+
+MODEL_LOGGER = "ltbench.model"  # detectors log training diagnostics here; the run copies them into log.txt
+
+
+@contextlib.contextmanager
+def model_messages(log: RunLog) -> Iterator[None]:
+    """Copy what detectors log to `ltbench.model` (INFO and above) into the run's log, warnings marked."""
+
+    class ToRunLog(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            prefix = "Warning: " if record.levelno >= logging.WARNING else ""
+            log(prefix + record.getMessage())
+
+    logger = logging.getLogger(MODEL_LOGGER)
+    handler, level, propagate = ToRunLog(logging.INFO), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # shown once, through the run's log, not again by Python's last-resort handler
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _train_predict_evaluate(plan: _Plan, options: RunOptions, log: RunLog) -> Any:
@@ -547,19 +443,22 @@ def _train_predict_evaluate(plan: _Plan, options: RunOptions, log: RunLog) -> An
         image_scores = _merge_scores(count, [s[0] for s in shards], gathered)
     else:
         anomaly_maps, masks = local_maps, local_masks
-    if all(s is None for s in image_scores):
-        final_scores = None
-        written_scores = np.asarray(metrics.image_score_from_map(anomaly_maps), dtype=np.float64)
+    if all(s is None for s in image_scores):  # the protocol's score: max of the 16x16 average-pooled map
+        final_scores = metrics.image_score_from_map(anomaly_maps)
     elif any(s is None for s in image_scores):
         raise RunError(f"{spec.name}.predict returned image_scores for some batches and None for others")
     else:
-        final_scores = written_scores = np.concatenate(image_scores)
+        final_scores = np.concatenate(image_scores)
     log(f"Predicted {count} test images")
 
     evaluation = metrics.evaluate(manifest, records, final_scores, anomaly_maps, masks)
     for warning in evaluation.warnings:
         log(f"Warning: {warning}")
-    _write_results(plan, evaluation, records, written_scores, anomaly_maps, masks, options, log)
+    write_results(plan.partial, evaluation, spec.name, manifest.name, records, final_scores,
+                  diagnostics=getattr(detector, "diagnostics_", None))
+    written = write_overlays(plan.partial, catalog, manifest.class_order, records, final_scores, anomaly_maps,
+                             masks, options.overlays_per_class)
+    log(f"Wrote metrics, per-class table, {len(records)} image scores and {written} overlays")
     log("Results:\n" + evaluation.format_summary(), echo=False)
     return evaluation
 
@@ -574,154 +473,3 @@ def _merge_scores(count: int, indices: list[list[int]], scores: list[list[np.nda
     for rank_indices, parts in zip(indices, scores):
         merged[rank_indices] = np.concatenate(parts)
     return [merged]
-
-
-def _write_results(plan: _Plan, evaluation: Any, records: list, scores: np.ndarray, anomaly_maps: np.ndarray,
-                   masks: np.ndarray, options: RunOptions, log: RunLog) -> None:
-    from ltbench.metrics import METRIC_KEYS
-
-    partial = plan.partial
-    assert partial is not None
-    io.write_json(partial / METRICS_FILE, evaluation.to_json(plan.spec.name, plan.manifest.name))
-
-    table = _text_io.StringIO()
-    writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["class_name", "group", *METRIC_KEYS])
-    for class_name, values in evaluation.per_class.items():
-        writer.writerow([class_name, values["group"], *(values.get(key, float("nan")) for key in METRIC_KEYS)])
-    io.write_text(partial / PER_CLASS_FILE, table.getvalue())
-
-    table = _text_io.StringIO()
-    writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["class_name", "image", "label", "defect_type", "score"])
-    for record, score in zip(records, scores):
-        writer.writerow([record.class_name, record.image, record.label, record.defect_type, repr(float(score))])
-    io.write_text(partial / SCORES_FILE, table.getvalue())
-
-    written = _write_overlays(plan, records, scores, anomaly_maps, masks, options.overlays_per_class)
-    log(f"Wrote metrics, per-class table, {len(records)} image scores and {written} overlays")
-
-
-def select_overlays(labels: np.ndarray, scores: np.ndarray, count: int) -> list[int]:
-    """Which images of one class get an overlay: the highest-scoring anomalies and the highest-scoring normal.
-
-    Parameters: labels, scores: (N,) of the class's test images; count: how many to pick.
-    Returns: positions into the arrays, at most `count`.
-    """
-    if count <= 0:
-        return []
-    by_score = np.argsort(-scores, kind="stable")
-    anomalous = [int(i) for i in by_score if labels[i] == 1]
-    normal = [int(i) for i in by_score if labels[i] == 0]
-    chosen = anomalous[:count - 1] + normal[:1] if normal else anomalous[:count]
-    rest = [i for i in anomalous + normal if i not in chosen]
-    return (chosen + rest)[:count]
-
-
-def _write_overlays(plan: _Plan, records: list, scores: np.ndarray, anomaly_maps: np.ndarray,
-                    masks: np.ndarray, per_class: int) -> int:
-    assert plan.partial is not None
-    maps_dir = plan.partial / MAPS_DIR
-    ranges: dict[str, list[float]] = {}
-    written = 0
-    for class_name in plan.manifest.class_order:
-        positions = np.array([i for i, r in enumerate(records) if r.class_name == class_name], dtype=np.int64)
-        if len(positions) == 0:
-            continue
-        low, high = value_range(anomaly_maps[positions])
-        ranges[class_name] = [low, high]
-        labels = np.array([records[i].label for i in positions])
-        used: set[str] = set()
-        for local in select_overlays(labels, scores[positions], per_class):
-            i = int(positions[local])
-            record = records[i]
-            stem = f"{record.defect_type}_{Path(record.image).stem}"
-            name, n = stem, 1
-            while name in used:
-                n += 1
-                name = f"{stem}_{n}"
-            used.add(name)
-            image, _ = read_image_uint8(plan.catalog.path(record.image))
-            title = f"{class_name} / {record.defect_type} / {Path(record.image).name}   score {scores[i]:.4g}"
-            save_overlay(maps_dir / class_name / f"{name}.png", image, anomaly_maps[i], masks[i], (low, high), title)
-            written += 1
-    io.write_json(maps_dir / VALUE_RANGES_FILE, ranges)
-    return written
-
-
-# ----------------------------------------------------------------------------- predict on new images
-
-
-@dataclass
-class ImagePrediction:
-    """The score of one new image and where its overlay went."""
-
-    image: Path
-    class_name: str
-    score: float
-    overlay: Path
-
-
-def predict_images(run_dir: Path, images: Sequence[Path], class_name: str, out_dir: Path,
-                   device: str | None = None, batch_size: int = 16) -> list[ImagePrediction]:
-    """Score new images with a finished run's model; write scores.csv and one overlay per image.
-
-    Parameters: run_dir: a run directory; images: image files; class_name: their class (one of
-    the run's classes); out_dir: where scores.csv and the overlays go.
-    Returns: one `ImagePrediction` per image, in order.
-    """
-    from ltbench import metrics
-
-    run_dir = Path(run_dir)
-    record = read_run_record(run_dir)
-    if not (run_dir / MODEL_DIR).is_dir():
-        raise RunError(f"{run_dir / MODEL_DIR} is missing; {run_dir} is not a finished run")
-    classes = list(record.get("class_order", []))
-    if class_name not in classes:
-        raise ConfigError(f"--class {class_name!r} is not a class of run {run_dir}; its classes: {', '.join(classes)}")
-    if not images:
-        raise ConfigError("give at least one image to predict")
-    spec = resolve_detector(record["detector"])
-    torch_device, _ = choose_device(device)
-    detector = spec.cls.load(run_dir / MODEL_DIR)
-    ranges_path = run_dir / MAPS_DIR / VALUE_RANGES_FILE
-    ranges = json.loads(ranges_path.read_text()) if ranges_path.is_file() else {}
-    index = classes.index(class_name)
-
-    paths = [Path(p) for p in images]
-    loaded = [load_image(p) for p in paths]  # read all first: a bad file fails before anything is written
-    results: list[ImagePrediction] = []
-    all_maps: list[np.ndarray] = []
-    all_scores: list[float] = []
-    with torch.no_grad():
-        for start in range(0, len(loaded), batch_size):
-            batch = torch.stack(loaded[start:start + batch_size])
-            class_idx = torch.full((len(batch),), index, dtype=torch.int64)
-            prediction = detector.predict(batch.to(torch_device), class_idx.to(torch_device))
-            scores, maps = check_prediction(prediction, len(batch), spec.name)
-            maps_np = maps.float().numpy()
-            if scores is None:
-                scores = torch.as_tensor(np.asarray(metrics.image_score_from_map(maps_np)))
-            all_maps.extend(maps_np)
-            all_scores.extend(float(s) for s in scores)
-    low, high = ranges.get(class_name) or value_range(np.stack(all_maps))
-
-    out_dir = Path(out_dir)
-    used: set[str] = set()
-    for path, image, heat, score in zip(paths, loaded, all_maps, all_scores):
-        name, n = path.stem, 1
-        while name in used:
-            n += 1
-            name = f"{path.stem}_{n}"
-        used.add(name)
-        overlay = out_dir / f"{name}.png"
-        save_overlay(overlay, image, heat, None, (low, high), f"{class_name} / {path.name}   score {score:.4g}")
-        results.append(ImagePrediction(image=path, class_name=class_name, score=score, overlay=overlay))
-
-    table = _text_io.StringIO()
-    writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["image", "class_name", "score", "overlay"])
-    for result in results:
-        writer.writerow([str(result.image), result.class_name, repr(result.score), str(result.overlay)])
-    io.write_text(out_dir / SCORES_FILE, table.getvalue())
-    return results

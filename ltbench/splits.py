@@ -32,21 +32,23 @@ from pathlib import Path
 
 import numpy as np
 
-from ltbench.datasets import DATASETS, Catalog, dataset_module, layout_of, open_catalog, resolve_root
+from ltbench.datasets import (
+    DATASETS,
+    Catalog,
+    dataset_info,
+    dataset_module,
+    layout_of,
+    open_catalog,
+    resolve_root,
+)
 from ltbench.errors import LTBenchError, SplitError
 from ltbench.io import atomic_path, sha256_bytes, write_json
+from ltbench.resources import pinned_splits_dir
 
 RECIPE_VERSION = 1
 PROFILES = ("exp", "step")
-PINNED_DIR = Path(__file__).resolve().parent.parent / "splits"
+PINNED_DIR = pinned_splits_dir()  # the checkout's splits/, or the copy inside an installed wheel
 CSV_HEADER = ("class_name", "image", "group")
-PINNED_CONFIGS: dict[str, list[str]] = {  # LTAD paper, Sec. 3 and Table 2; DAGM reversed: Sec. 6, Fig. 8
-    "mvtec": ["exp100", "exp200", "step100", "step200"],
-    "visa": [f"{p}{b}" for p in PROFILES for b in (100, 200, 500)],
-    "dagm": [f"{p}{b}" for p in PROFILES for b in (50, 100, 200, 500)] + ["exp200-reverse", "step200-reverse"],
-    "synth": ["exp100", "step100"],
-}
-RECIPE_ONLY_DATASETS = ("dagm",)  # no public file list: only the recipe is pinned
 _CONFIG_PATTERN = re.compile(r"(exp|step)(\d+(?:\.\d+)?)(-reverse)?(?:-seed(\d+))?")
 # floor() of the exact recipe value: float rounding may land just below an exact integer
 _FLOOR_TOLERANCE = 1e-9
@@ -302,7 +304,7 @@ def build_split(catalog: Catalog, profile: str, beta: float, reverse: bool = Fal
         if not images:
             raise SplitError(f"class {class_name!r} has no normal training images under {catalog.root}: add "
                              f"some (for {catalog.dataset}: expected {layout_of(catalog.dataset)}) or remove the class")
-    n_max = getattr(module, "N_MAX", None) or max(len(images) for images in candidates.values())
+    n_max = dataset_info(catalog.dataset).n_max or max(len(images) for images in candidates.values())
     order, targets = _order_and_targets(list(catalog.class_names), reverse, n_max, profile, beta)
     selections = {
         c: sample_without_replacement(candidates[c], min(n, len(candidates[c])), class_generator(seed, c))
@@ -315,12 +317,12 @@ def build_split(catalog: Catalog, profile: str, beta: float, reverse: bool = Fal
 def recipe_manifest(dataset: str, profile: str, beta: float, reverse: bool = False, seed: int = 0) -> Manifest:
     """A recipe-only manifest (class order and target counts) from a dataset's paper order and `N_MAX`."""
     check_recipe(profile, beta, seed)
-    module = dataset_module(dataset)
-    if not getattr(module, "N_MAX", None):
+    info = dataset_info(dataset)
+    if not info.n_max or not info.class_order:
         raise SplitError(f"dataset {dataset!r} has no fixed class order and N_max: build its split from a "
                          f"root with ltbench make-split --dataset {dataset} --root DIR")
-    order, targets = _order_and_targets(list(module.CLASS_ORDER), reverse, module.N_MAX, profile, beta)
-    return _manifest(dataset, profile, beta, reverse, seed, module.N_MAX, order, targets, None, None)
+    order, targets = _order_and_targets(list(info.class_order), reverse, info.n_max, profile, beta)
+    return _manifest(dataset, profile, beta, reverse, seed, info.n_max, order, targets, None, None)
 
 
 def _pinned_sort_key(name: str) -> tuple:
@@ -451,10 +453,15 @@ def open_split(name: str | os.PathLike, root: str | os.PathLike | None = None) -
     return manifest.localized(catalog.root), catalog
 
 
+def has_file_list(dataset: str) -> bool:
+    """Whether LTBench ships the official file list of `dataset` (MVTec AD, VisA): its splits need no root."""
+    return hasattr(dataset_module(dataset), "catalog_from_file_list")
+
+
 def source_catalog(dataset: str) -> Catalog:
     """The catalog a pinned split of `dataset` is built from: the shipped file list, or the generated synth set."""
     module = dataset_module(dataset)
-    if hasattr(module, "catalog_from_file_list"):
+    if has_file_list(dataset):
         return module.catalog_from_file_list(Path(dataset))
     if dataset == "synth":
         return module.read_catalog(module.ensure_generated())
@@ -464,18 +471,18 @@ def source_catalog(dataset: str) -> Catalog:
 def rebuild_pinned(name: str) -> Manifest:
     """Rebuild a pinned split from its source (file list, generated set, or recipe for DAGM)."""
     dataset, config = name.split("/", 1)
-    if config not in PINNED_CONFIGS.get(dataset, []):
-        raise SplitError(f"{name} is not a pinned configuration: pinned ones are "
-                         f"{', '.join(f'{d}/{c}' for d, cs in PINNED_CONFIGS.items() for c in cs)}")
+    if dataset not in DATASETS or config not in dataset_info(dataset).pinned_configs:
+        pinned = [f"{d}/{c}" for d in DATASETS for c in dataset_info(d).pinned_configs]
+        raise SplitError(f"{name} is not a pinned configuration: pinned ones are {', '.join(pinned)}")
     profile, beta, reverse, seed = parse_config(config)
-    if dataset in RECIPE_ONLY_DATASETS:
+    if dataset_info(dataset).recipe_only:
         return recipe_manifest(dataset, profile, beta, reverse, seed)
     return build_split(source_catalog(dataset), profile, beta, reverse, seed)
 
 
 def write_pinned(datasets: tuple[str, ...] = ("mvtec", "visa", "dagm")) -> list[str]:
     """(Maintainers) rebuild and write every pinned split of `datasets` into `PINNED_DIR`; returns the names."""
-    names = [f"{d}/{c}" for d in datasets for c in PINNED_CONFIGS[d]]
+    names = [f"{d}/{c}" for d in datasets for c in dataset_info(d).pinned_configs]
     for name in names:
         rebuild_pinned(name).write(PINNED_DIR / f"{name}.csv")
     return names

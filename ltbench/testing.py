@@ -6,10 +6,12 @@ detector contract"); detector authors call it from their tests.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +207,175 @@ def check_detector(cls: type, train_set: TrainSet, config: Any = None, images: T
             raise _fail(cls, "a saved and loaded detector predicts differently from the original")
         _check_strict_load(cls, saved, scratch)
     return detector
+
+
+# ----------------------------------------------------------------------------- training matters
+
+@contextlib.contextmanager
+def optimizer_steps_undone() -> Iterator[list[int]]:
+    """Within the block every `torch.optim` step leaves the parameters as they were: an untrained control.
+
+    Works for any detector trained through a torch optimizer without knowing its config (a zero
+    learning rate is not always allowed, and weight decay or momentum would still move the
+    weights): a global pre-step hook copies each parameter, a post-step hook writes the copy back.
+    Everything else of `fit` (data pass, random draws, saved state) runs as usual.
+    Yields: a one-element list counting the undone steps (0 after `fit` means no optimizer was used).
+    """
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    undone = [0]
+    before: dict[int, list[Tensor]] = {}
+
+    def keep(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        before[id(optimizer)] = [p.detach().clone() for group in optimizer.param_groups for p in group["params"]]
+
+    def restore(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        kept = before.pop(id(optimizer))
+        with torch.no_grad():
+            for parameter, value in zip((p for group in optimizer.param_groups for p in group["params"]), kept):
+                parameter.copy_(value)
+        undone[0] += 1
+
+    handles = [register_optimizer_step_pre_hook(keep), register_optimizer_step_post_hook(restore)]
+    try:
+        yield undone
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass(frozen=True)
+class NoveltyTask:
+    """Two classes, each the training set of one direction; the other class's content is the anomaly.
+
+    Trained on class d, a detector must score pixels and images drawn from class 1 − d above those of
+    class d. A detector whose scores do not depend on its training data (an untrained network)
+    ranks the same pixels the same way in both directions, and the labels of one direction are
+    the complement of the other's, so its two AUROCs sum to 1 (ties aside): averaged over the two
+    directions it is at chance, whatever its features. Only what was learned from the training
+    class lifts both directions.
+    """
+
+    class_names: tuple[str, str]         # synth classes, one per direction
+    train_images: tuple[Tensor, Tensor]  # per class (N, 3, 224, 224) in [0, 1]
+    test_images: Tensor                  # (T, 3, 224, 224) in [0, 1]: whole images of both classes, then composites
+    test_source: Tensor                  # (T, 224, 224) int64: the class (0 or 1) each pixel was drawn from
+    whole: Tensor                        # (T,) bool: drawn from one class only (these are scored at image level)
+
+
+def _synth_tensor(class_name: str, split: str, index: int) -> Tensor:
+    from ltbench.datasets import synth
+
+    image, _ = synth.render_sample(class_name, split, "good", index)  # (224, 224, 3) uint8
+    return torch.from_numpy(image).permute(2, 0, 1).float() / 255.0  # (3, 224, 224)
+
+
+def novelty_task(class_names: tuple[str, str] = ("weave", "grain"), n_train: int = 12, n_whole: int = 3,
+                 n_composite: int = 3, patch: int = 96, seed: int = 0) -> NoveltyTask:
+    """Build a `NoveltyTask` from normal images of the built-in synthetic dataset (rendered, nothing written).
+
+    Parameters: class_names: two synth classes; n_train: training images per class (synth train
+    indices 0…); n_whole: whole test images per class; n_composite: composites per class, an image of
+    that class with a patch×patch square at a seeded position cut from an image of the other class;
+    seed: the generator of the square positions.
+    Returns: the task (n_whole and n_composite images per class; test images are synth test normals).
+    """
+    assert len(class_names) == 2 and class_names[0] != class_names[1], "two distinct synth classes"
+    train = tuple(torch.stack([_synth_tensor(name, "train", i) for i in range(n_train)]) for name in class_names)
+    generator = torch.Generator().manual_seed(seed)
+    images, sources, whole = [], [], []
+    for c, name in enumerate(class_names):
+        for i in range(n_whole):
+            images.append(_synth_tensor(name, "test", i))
+            sources.append(torch.full((IMAGE_SIZE, IMAGE_SIZE), c, dtype=torch.int64))
+            whole.append(True)
+    for c, name in enumerate(class_names):
+        other = class_names[1 - c]
+        for i in range(n_composite):
+            image = _synth_tensor(name, "test", n_whole + i)
+            cut = _synth_tensor(other, "test", n_whole + n_composite + i)
+            row, col = torch.randint(0, IMAGE_SIZE - patch + 1, (2,), generator=generator).tolist()
+            image[:, row:row + patch, col:col + patch] = cut[:, row:row + patch, col:col + patch]
+            source = torch.full((IMAGE_SIZE, IMAGE_SIZE), c, dtype=torch.int64)
+            source[row:row + patch, col:col + patch] = 1 - c
+            images.append(image)
+            sources.append(source)
+            whole.append(False)
+    return NoveltyTask(tuple(class_names), train, torch.stack(images), torch.stack(sources), torch.tensor(whole))
+
+
+@dataclass(frozen=True)
+class TrainingMatters:
+    """What `check_training_matters` measured: AUROCs averaged over the two directions, and per direction."""
+
+    trained: dict[str, float]               # {"image_auroc", "pixel_auroc"}, mean of the two directions
+    control: dict[str, float]               # the same for the untrained control
+    trained_by_direction: list[dict[str, float]]
+    control_by_direction: list[dict[str, float]]
+    control_steps_undone: int               # optimizer steps the control took and undid (> 0)
+
+    def __str__(self) -> str:
+        return (f"trained image {self.trained['image_auroc']:.3f} pixel {self.trained['pixel_auroc']:.3f}; "
+                f"control image {self.control['image_auroc']:.3f} pixel {self.control['pixel_auroc']:.3f}")
+
+
+def _novelty_aurocs(detector: Any, task: NoveltyTask, direction: int) -> dict[str, float]:
+    """Image and pixel AUROC of a detector trained on class `direction` of the task."""
+    from ltbench.metrics import roc_auc
+
+    class_idx = torch.zeros(len(task.test_images), dtype=torch.int64)  # the detector knows one class: index 0
+    with torch.no_grad():
+        scores, maps = check_prediction(detector.predict(task.test_images, class_idx), len(task.test_images),
+                                        type(detector).__qualname__)
+    anomalous = task.test_source != direction  # (T, 224, 224)
+    image_labels = anomalous[task.whole].flatten(1).any(1)
+    return {"image_auroc": roc_auc(scores[task.whole].numpy(), image_labels.numpy()),
+            "pixel_auroc": roc_auc(maps.flatten().numpy(), anomalous.flatten().numpy())}
+
+
+def check_training_matters(cls: type, config: Any, task: NoveltyTask, margin: float = 0.2,
+                           chance_band: float = 0.15, work_dir: Path | None = None) -> TrainingMatters:
+    """Train `cls(config)` on each direction of `task`, and an untrained control the same way with every
+    optimizer step undone; raise `DetectorError` unless training is what makes it detect anomalies.
+
+    Passes when, averaged over the two directions, the control's image and pixel AUROC lie within
+    `chance_band` of 0.5 and the trained detector's are at least `margin` above the control's.
+    A control whose scores do not depend on the training data is at 0.5 by construction (see
+    `NoveltyTask`); the band catches a "control" that still learns from the data (a memory bank,
+    statistics), for which this check is not the right one. A margin of 0.2 asks the trained
+    detector to order a random anomalous/normal pair correctly 70% of the time instead of 50%; the
+    quick presets of UniAD and LTAD clear it on the default task (measured values in
+    tests/test_quality.py).
+
+    Parameters: cls: a detector class trained through a torch optimizer; config: its config (sized
+    for a test); task: from `novelty_task()`; margin, chance_band: in AUROC; work_dir: where the
+    checkpoint folders go (default a temporary folder).
+    Returns: the measured `TrainingMatters`.
+    """
+    trained, control, steps = [], [], 0
+    with tempfile.TemporaryDirectory(dir=work_dir) as scratch_name:
+        scratch = Path(scratch_name)
+        for direction in (0, 1):
+            images = task.train_images[direction]
+            class_idx = torch.zeros(len(images), dtype=torch.int64)
+            names = [task.class_names[direction]]
+            detector = cls(config).fit(TensorTrainSet(images, class_idx, names, scratch / f"trained{direction}"))
+            trained.append(_novelty_aurocs(detector, task, direction))
+            with optimizer_steps_undone() as undone:
+                detector = cls(config).fit(TensorTrainSet(images, class_idx, names, scratch / f"control{direction}"))
+            steps += undone[0]
+            control.append(_novelty_aurocs(detector, task, direction))
+    if steps == 0:
+        raise _fail(cls, "fit() took no torch optimizer step, so an untrained control cannot be built; "
+                         "check_training_matters is for gradient-trained detectors")
+    keys = ("image_auroc", "pixel_auroc")
+    result = TrainingMatters({k: (trained[0][k] + trained[1][k]) / 2 for k in keys},
+                             {k: (control[0][k] + control[1][k]) / 2 for k in keys}, trained, control, steps)
+    problems = [f"the untrained control's {k} is {result.control[k]:.3f}, not within {chance_band} of chance"
+                for k in keys if abs(result.control[k] - 0.5) > chance_band]
+    problems += [f"trained {k} {result.trained[k]:.3f} is not {margin} above the control's {result.control[k]:.3f}"
+                 for k in keys if result.trained[k] < result.control[k] + margin]
+    if problems:
+        raise DetectorError(f"{cls.__qualname__}: training does not make it detect anomalies on the novelty task "
+                            f"({result}): " + "; ".join(problems))
+    return result

@@ -52,6 +52,16 @@ class LocalBatch:
     weight: float  # b · world_size / global batch size: scales a per-item mean loss so that averaged gradients equal one process's
 
 
+def local_batch(global_batch: Tensor) -> LocalBatch:
+    """This rank's interleaved slice of a global batch (as `DistributedSampler`), with its loss weight.
+
+    For loops that build their own global batches (the same on every rank), e.g. RegAD's one-class batches.
+    """
+    current = distributed.info()
+    local = global_batch[current.rank::current.world_size]
+    return LocalBatch(local, len(local) * current.world_size / max(1, len(global_batch)))
+
+
 class EpochBatches:
     """One epoch's batches for this rank, from one permutation shared by all ranks.
 
@@ -70,11 +80,7 @@ class EpochBatches:
         order = torch.randperm(count, generator=shared)  # (count,), identical on every rank
         self.noise = shared if current.rank == 0 else torch.Generator().manual_seed(rank_seed(seed))
         step = batch_size * current.world_size
-        self._batches = []
-        for start in range(0, count, step):
-            global_batch = order[start:start + step]
-            local = global_batch[current.rank::current.world_size]
-            self._batches.append(LocalBatch(local, len(local) * current.world_size / len(global_batch)))
+        self._batches = [local_batch(order[start:start + step]) for start in range(0, count, step)]
 
     def __iter__(self) -> Iterator[LocalBatch]:
         return iter(self._batches)

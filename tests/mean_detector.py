@@ -126,3 +126,19 @@ class SeededMeanDetector(MeanDetector):
     """MeanDetector whose config carries a seed, as UniAD's and LTAD's do."""
 
     Config = SeededMeanConfig
+
+
+class ReportingMeanDetector(MeanDetector):
+    """`MeanDetector` that logs to `ltbench.model` while fitting and reports diagnostics, as LTAD does."""
+
+    def fit(self, train) -> ReportingMeanDetector:
+        import logging
+
+        super().fit(train)
+        logging.getLogger("ltbench.model").info("fit saw %d images", len(train))
+        logging.getLogger("ltbench.model").warning("the test warning")
+        return self
+
+    @property
+    def diagnostics_(self) -> dict:
+        return {"train_images_seen": 1, "note": "from the detector"}

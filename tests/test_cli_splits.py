@@ -44,6 +44,26 @@ def test_done_when_make_split_on_mvtec_names_is_byte_identical(mvtec_names_tree,
     assert f"     total                1378   {len(load_manifest('mvtec/exp100').rows)}" in result.stdout
 
 
+@pytest.mark.parametrize("dataset", ["visa", "mvtec"])
+def test_make_split_without_a_root_uses_the_shipped_file_list(dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the design's first command, as a new user types it
+    result = run("make-split", "--dataset", dataset, "--type", "exp", "--beta", "200")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == (
+        f"No root given: building from the official {dataset} file list shipped with LTBench "
+        f"(check a local copy against it with: ltbench verify --dataset {dataset} --root DIR).")
+    written = tmp_path / "splits-out" / dataset / "exp200.csv"
+    assert written.read_bytes() == (PINNED_DIR / dataset / "exp200.csv").read_bytes()
+    assert written.with_suffix(".json").read_bytes() == (PINNED_DIR / dataset / "exp200.json").read_bytes()
+    assert f"Matches the pinned manifest {dataset}/exp200" in result.stdout
+
+
+def test_make_split_without_a_root_but_ltbench_data_reads_that_copy(tmp_path, monkeypatch):
+    monkeypatch.setenv("LTBENCH_DATA", str(tmp_path))  # $LTBENCH_DATA wins over the shipped list
+    assert_one_error_line(run("make-split", "--dataset", "visa", "--type", "exp", "--beta", "200"), 1,
+                          f"visa root {tmp_path / 'visa'} does not exist")
+
+
 def test_make_split_default_output_and_ltbench_data(mvtec_tree, tmp_path, monkeypatch):
     monkeypatch.setenv("LTBENCH_DATA", str(mvtec_tree.parent))
     monkeypatch.chdir(tmp_path)
@@ -150,8 +170,10 @@ def test_beta_not_a_number_is_a_usage_error():
 
 
 def test_missing_root(tmp_path):
-    assert_one_error_line(run("make-split", "--dataset", "visa", "--type", "exp", "--beta", "100"), 1,
-                          "no root for dataset 'visa'", "pass --root DIR, or set LTBENCH_DATA")
+    # DAGM has no public file list and `folder` is any tree: both still need a root
+    for dataset in ("dagm", "folder"):
+        assert_one_error_line(run("make-split", "--dataset", dataset, "--type", "exp", "--beta", "100"), 1,
+                              f"no root for dataset '{dataset}'", "pass --root DIR, or set LTBENCH_DATA")
     gone = tmp_path / "not-there"
     assert_one_error_line(run("verify", "--dataset", "mvtec", "--root", gone), 1,
                           f"mvtec root {gone} does not exist", "pass --root DIR")

@@ -15,6 +15,7 @@ from ltbench.datasets import (
     NORMAL,
     check_files,
     dagm,
+    dataset_info,
     folder,
     mvtec,
     open_catalog,
@@ -44,6 +45,33 @@ def test_class_orders_are_the_papers():
     assert dagm.CLASS_ORDER == ["Class10", "Class7", "Class9", "Class8", "Class2", "Class3", "Class5", "Class1",
                                 "Class4", "Class6"]
     assert (mvtec.N_MAX, visa.N_MAX, dagm.N_MAX) == (391, 905, 1000)
+
+
+def test_each_dataset_module_describes_itself():
+    from ltbench.download import downloadable_datasets
+    from ltbench.splits import PINNED_DIR
+
+    for name in DATASETS:
+        info = dataset_info(name)
+        assert info.name == name and info.layout and info.licence_line().startswith(info.title)
+        pinned = {path.stem for path in (PINNED_DIR / name).glob("*.json")}
+        assert set(info.pinned_configs) == pinned, name          # the description names the shipped splits
+    for module in (mvtec, visa, dagm):
+        assert module.INFO.class_order == tuple(module.CLASS_ORDER) and module.INFO.n_max == module.N_MAX
+        assert module.INFO.paper_benchmark
+    assert [n for n in DATASETS if dataset_info(n).recipe_only] == ["dagm"]
+    # sources and checksums from ../shared/notes/datasets.md
+    assert downloadable_datasets() == ("mvtec", "visa", "dagm")
+    assert [(s.filename, s.sha256) for s in mvtec.INFO.sources] == [
+        ("mvtec_anomaly_detection.tar.xz", "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d")]
+    assert [(s.url, s.sha256) for s in visa.INFO.sources] == [
+        ("https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar",
+         "2eb8690c803ab37de0324772964100169ec8ba1fa3f7e94291c9ca673f40f362")]
+    assert [s.filename for s in dagm.INFO.sources] == [f"Class{i}.zip" for i in range(1, 11)]
+    assert {s.sha256 for s in dagm.INFO.sources} == {None}     # no checksum could be confirmed
+    assert (visa.INFO.licence_id, mvtec.INFO.licence_id) == ("cc-by-4.0", "cc-by-nc-sa-4.0")
+    with pytest.raises(DatasetError, match="unknown dataset 'mvtech'"):
+        dataset_info("mvtech")
 
 
 def test_mvtec_file_list_matches_published_counts():

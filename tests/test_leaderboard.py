@@ -179,3 +179,14 @@ def test_cli_leaderboard_errors(tmp_path, runs):
     (broken / "metrics.json").write_text("{")
     result = invoke("leaderboard", runs)
     assert result.exit_code == 1 and str(broken / "metrics.json") in result.output
+
+
+def test_importing_the_leaderboard_does_not_import_torch() -> None:
+    # `ltbench leaderboard` reads JSON files; loading torch (seconds, GBs on some machines) would be waste.
+    import subprocess
+    import sys
+
+    code = ("import sys, ltbench.leaderboard, ltbench.rundir; "
+            "print(','.join(sorted(m for m in ('torch', 'numpy', 'ltbench.runner') if m in sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from ltad_model.detector import (
     paper_dataset,
     read_saved_names,
 )
+from ltad_model.diagnostics import collapse_check, report_balance
 from ltad_model.model import (
     FeatureLayout,
     LTADNetwork,
@@ -35,6 +37,7 @@ from ltad_model.model import (
 from ltbench.detector import get_detector_class, load_training_state, make_config
 from ltbench.errors import ConfigError, DetectorError
 from ltbench.testing import TensorTrainSet, check_detector, pattern_images
+from ltbench.training import TrainingProgress
 
 CLASSES = ["bottle", "metal_nut", "screw"]  # words of the tiny-align vocabulary, one with an underscore
 TINY = {  # the tiny-align backbone, a 1+1-layer transformer, 2 + 2 epochs, 3 batches per epoch
@@ -79,14 +82,14 @@ def with_config(detector: LTAD, **changes) -> LTAD:
 
 def interrupt_after(monkeypatch, phase: int, epoch: int) -> None:
     """Make fit() stop (as Ctrl-C would) right after it saved the training state of (phase, epoch)."""
-    original = LTAD._save_state
+    original = TrainingProgress.save
 
-    def save_then_stop(self, progress, saved_phase, saved_epoch, *args):
-        original(self, progress, saved_phase, saved_epoch, *args)
-        if (saved_phase, saved_epoch) == (phase, epoch):
+    def save_then_stop(self, modules, **values):
+        original(self, modules, **values)
+        if (values["phase"], values["epoch"]) == (phase, epoch):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(LTAD, "_save_state", save_then_stop)
+    monkeypatch.setattr(TrainingProgress, "save", save_then_stop)
 
 
 def assert_same_result(a: LTAD, b: LTAD, images) -> None:
@@ -333,11 +336,84 @@ def test_without_sad_equals_lambda_zero(images, tmp_path):
     assert torch.equal(first.image_scores, second.image_scores)
 
 
-def test_without_rm_the_score_is_s_sem(images, tmp_path):
+def test_without_rm_the_map_is_the_upsampled_s_sem(images, tmp_path):
     detector = fit(LTAD, images, tmp_path, use_rm=False)
     assert detector.module_.reconstruction is None
     maps = detector.predict(*images).anomaly_maps
-    assert float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0
+    semantic = detector.semantic_scores(*images).view(-1, 1, 14, 14)  # (B, 1, g, g) in [0, 1]
+    expected = F.interpolate(semantic, size=(224, 224), mode="bilinear", align_corners=True)[:, 0]
+    assert torch.allclose(maps, expected, atol=1e-6)
+
+
+def test_s_rec_only_scoring_equals_ltad_wo_sad_on_the_same_weights(fitted, images):
+    rec_only = with_config(fitted, score="rec").predict(*images).anomaly_maps
+    fields = {f.name: getattr(fitted.config, f.name) for f in dataclasses.fields(fitted.config) if f.name != "use_sad"}
+    without = LTADWithoutSAD(LTADWithoutSAD.Config(**fields))
+    without.meta_ = fitted.meta_
+    without.module_ = without.build_module(fitted.meta_)
+    missing, unexpected = without.module_.load_state_dict(fitted.module_.state_dict(), strict=False)
+    assert not missing and all(key.startswith("semantic.") for key in unexpected)
+    assert torch.equal(without.predict(*images).anomaly_maps, rec_only)
+    # S_rec itself, directly: ‖Π(p) − p‖² per patch (Eq. 1, squared), bilinear to 224 with align_corners
+    with torch.no_grad():
+        tokens = fitted._test_tokens(images[0], torch.device("cpu"))
+        direct = (fitted.module_.reconstruction(tokens) - tokens).pow(2).sum(-1).view(-1, 1, 14, 14)
+    expected = F.interpolate(direct, size=(224, 224), mode="bilinear", align_corners=True)[:, 0]
+    assert torch.allclose(rec_only, expected, rtol=1e-5, atol=1e-5)
+    # and S = S_rec + λ·S_sem: the full map minus the S_rec-only map is λ times the S_sem-only map
+    sem_only = with_config(fitted, score="sem").predict(*images).anomaly_maps
+    full = fitted.predict(*images).anomaly_maps
+    assert torch.allclose(full - rec_only, fitted.meta_.lambda_sem * sem_only, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="score='sem' needs"):
+        LTADWithoutSAD.Config(score="sem")
+
+
+def test_eq6_loss_sums_squared_errors_per_image_and_kl_over_latent_dimensions():
+    generator = torch.Generator().manual_seed(0)
+    synthetic = [torch.randn(3, 2, 4, 4, generator=generator), torch.randn(3, 5, 2, 2, generator=generator)]
+    real = [torch.randn(3, 2, 4, 4, generator=generator), torch.randn(3, 5, 2, 2, generator=generator)]
+    mean, log_variance = torch.randn(3, 6, generator=generator), torch.randn(3, 6, generator=generator)
+    per_layer = []
+    for fake, target in zip(synthetic, real):  # Σ over a layer's elements, per image, then the batch mean
+        per_layer.append(sum(float(((fake[b] - target[b]) ** 2).sum()) for b in range(3)) / 3)
+    assert float(feature_reconstruction_loss(synthetic, real)) == pytest.approx(sum(per_layer) / 2, rel=1e-6)
+    elements = [sum(float(((f[b] - t[b]) ** 2).mean()) for b in range(3)) / 3 for f, t in zip(synthetic, real)]
+    assert float(feature_reconstruction_loss(synthetic, real, "mean")) == pytest.approx(sum(elements) / 2, rel=1e-6)
+    kl = [sum(0.5 * (float(mean[b, d]) ** 2 + float(log_variance[b, d].exp()) - 1 - float(log_variance[b, d]))
+              for d in range(6)) for b in range(3)]
+    assert float(kl_to_standard_normal(mean, log_variance)) == pytest.approx(sum(kl) / 3, rel=1e-6)
+    assert float(kl_to_standard_normal(mean, log_variance, "mean")) == pytest.approx(sum(kl) / 18, rel=1e-6)
+    assert LTADConfig().phase1_loss == "sum"  # Eq. 6 as printed is the default
+
+
+def test_lambda_balance_is_saved_reported_and_warned(fitted, caplog):
+    meta = fitted.meta_
+    assert meta.rec_spread > 0 and 0 < meta.sem_spread <= 1
+    diagnostics = fitted.diagnostics_
+    assert diagnostics["lambda_balance"] == pytest.approx(meta.lambda_sem * meta.sem_spread / meta.rec_spread)
+    assert {"rec_spread", "sem_spread", "lambda_sem", "spread"} <= set(diagnostics)
+    with caplog.at_level(logging.INFO, logger="ltbench.model"):
+        report_balance(dataclasses.replace(meta, lambda_sem=0.001 * meta.rec_spread / meta.sem_spread))
+        report_balance(dataclasses.replace(meta, lambda_sem=meta.rec_spread / meta.sem_spread))
+    warning, info = caplog.records[-2], caplog.records[-1]
+    assert warning.levelno == logging.WARNING and "S_sem barely moves the ranking" in warning.getMessage()
+    assert info.levelno == logging.INFO and "λ·spread(S_sem)/spread(S_rec) = 1" in info.getMessage()
+
+
+def test_collapse_check_logs_kl_active_units_and_the_class_mean_reference(fitted, images, text, tmp_path, caplog):
+    data = fitted.encode_training_set(train_set(images, tmp_path))
+    class_text = text.encode_soft("", fitted.module_.names.detach())
+    with caplog.at_level(logging.INFO, logger="ltbench.model"):
+        result = collapse_check(fitted.module_, data, class_text, torch.device("cpu"), epoch=0, seed=1)
+    assert result["kl_per_dim"] > 0 and 0 <= result["active_units"] <= fitted.meta_.embed_dim
+    # the class-mean reference, computed directly: each image's class mean over the sample
+    real = [m.float() for m in data.maps]
+    expected = []
+    for layer in real:
+        means = torch.stack([layer[data.class_idx == c].mean(0) for c in data.class_idx.tolist()])
+        expected.append(float(((means - layer) ** 2).mean()))
+    assert result["mse_class_mean"] == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+    assert "phase 1 epoch 1:" in caplog.records[-1].getMessage() and "class mean vs real" in caplog.records[-1].getMessage()
 
 
 def test_shuffled_names_change_predictions_but_not_s_rec(fitted, images):
@@ -359,6 +435,9 @@ def test_no_text_encoder_learns_free_classifier_weights(images, tmp_path):
     detector = fit(LTAD, images, tmp_path, no_text_encoder=True)
     network = detector.module_
     assert network.free_classifier is not None and tuple(network.free_classifier.shape) == (3, 2, 80)
+    torch.manual_seed(detector.config.seed)  # the initialisation fit starts from (it seeds, then builds the network)
+    initial = LTADNetwork(detector._layout(detector.meta_), detector.config).free_classifier
+    assert float((network.free_classifier - initial).detach().abs().max()) > 1e-4  # training moved the free weights
     assert float(network.text_normal.abs().sum()) == 0.0  # T([v; s_c]) is never used
     scores = detector.semantic_scores(*images)
     assert float(scores.min()) >= 0.0 and float(scores.max()) <= 1.0

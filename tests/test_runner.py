@@ -18,7 +18,9 @@ from ltbench.cli import main
 from ltbench.data import load_image
 from ltbench.datasets.folder import read_catalog
 from ltbench.metrics import METRIC_KEYS
-from ltbench.runner import DEFAULT_SPLIT, RunOptions, choose_preset, run, select_overlays
+from ltbench.results import select_overlays
+from ltbench.run_config import choose_preset
+from ltbench.runner import DEFAULT_SPLIT, RunOptions, run
 from ltbench.splits import build_split
 from tests.fakes import SPOT_BAD as N_BAD
 from tests.fakes import SPOT_CLASSES as CLASSES
@@ -104,7 +106,7 @@ def test_run_writes_the_run_directory(tiny, finished):
     out, run_dir, output = finished
     assert run_dir.parent == out / "tests.mean_detector.MeanDetector" / "folder-exp2"
     assert {p.name for p in run_dir.iterdir()} == {
-        "config.json", "model", "metrics.json", "per_class.csv", "scores.csv", "maps", "log.txt"}
+        "config.json", "model", "metrics.json", "per_class.csv", "scores.csv", "maps", "log.txt", "report.html"}
     assert not [p for p in run_dir.parent.iterdir() if p.name.startswith(".")]  # no partial left behind
 
     record = json.loads((run_dir / "config.json").read_text())
@@ -208,7 +210,7 @@ def test_resume_after_interrupt_gives_the_same_metrics(tiny, finished, tmp_path,
 
 
 def test_two_runs_in_the_same_second_never_overwrite(tiny, tmp_path, monkeypatch):
-    import ltbench.runner as runner_module
+    import ltbench.rundir as rundir_module
 
     class FrozenClock:
         @staticmethod
@@ -217,7 +219,7 @@ def test_two_runs_in_the_same_second_never_overwrite(tiny, tmp_path, monkeypatch
 
             return datetime(2030, 1, 2, 3, 4, 5)
 
-    monkeypatch.setattr(runner_module, "datetime", FrozenClock)
+    monkeypatch.setattr(rundir_module, "datetime", FrozenClock)
     out = tmp_path / "runs"
     options = RunOptions(model=MODEL, split=str(tiny[1]), root=str(tiny[0]), out=out, device="cpu",
                          set_values=("epochs=1",), overlays_per_class=0, progress=False)
@@ -449,3 +451,14 @@ def test_seed_reaches_the_detector_config_and_defaults_to_it(tiny, monkeypatch):
     overridden = _plan(RunOptions(model=model, split=str(manifest), root=str(root), seed=5,
                                   set_values=("seed=9",)), RunLog(None))
     assert (overridden.config.seed, overridden.record["seed"]) == (9, 5)
+
+
+def test_model_messages_reach_the_log_and_diagnostics_reach_metrics_json(tiny, tmp_path):
+    result = invoke(*run_args(tiny, tmp_path, model="tests.mean_detector:ReportingMeanDetector"))
+    assert result.exit_code == 0, result.output
+    (run_dir,) = run_dirs(tmp_path)
+    log = (run_dir / "log.txt").read_text()
+    assert "fit saw" in log and "Warning: the test warning" in log
+    assert "Warning: the test warning" in result.output  # shown to the user once, through the run's log
+    document = json.loads((run_dir / "metrics.json").read_text())
+    assert document["diagnostics"] == {"train_images_seen": 1, "note": "from the detector"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 from ltbench.datasets import synth
 from ltbench.datasets.base import ANOMALY, NORMAL
+from ltbench.datasets.synth import spec, writer
 from ltbench.errors import DatasetError
 from ltbench.splits import load_manifest, target_counts
 
@@ -42,7 +44,7 @@ def test_default_spec_is_the_promised_dataset() -> None:
     assert 3 <= len(textures) <= len(synth.CLASS_ORDER) - 3
     kinds = {d for c in synth.CLASS_ORDER for d in synth.DEFECTS[c]}
     assert kinds == set(synth.DEFECT_KINDS) and len(kinds) >= 4
-    counts = Counter((c, s, "good" if d == "good" else "anomaly") for c, s, d, _ in synth._items(spec))
+    counts = Counter((c, s, "good" if d == "good" else "anomaly") for c, s, d, _ in synth.sample_keys(spec))
     for c in synth.CLASS_ORDER:
         assert counts[(c, "train", "good")] == 200
         assert counts[(c, "test", "good")] >= 20
@@ -79,6 +81,29 @@ def test_files_are_the_rendered_samples(small_root: Path) -> None:
     image, mask = synth.render_sample("screw", "test", "missing", 1)
     assert np.array_equal(np.asarray(Image.open(small_root / "screw/test/missing/001.png")), image)
     assert np.array_equal(np.asarray(Image.open(small_root / "screw/ground_truth/missing/001_mask.png")) == 255, mask)
+
+
+# sha256 of `pixel_fingerprint()`, computed with GENERATOR_VERSION 1 before synth.py became a
+# package: any change to what is drawn must bump GENERATOR_VERSION and this value together.
+PIXELS_V1 = "c408fcb7294bd691e268890cfed1cd4f9861c83628c41867c4318cb8a3221f19"
+
+
+def pixel_fingerprint() -> str:
+    """sha256 over sample 3 of every class's train/good, test/good and test/<defect> images and masks."""
+    digest = hashlib.sha256()
+    for class_name in synth.CLASS_ORDER:
+        for split, defect in [("train", "good"), ("test", "good")] + [("test", d) for d in synth.DEFECTS[class_name]]:
+            image, mask = synth.render_sample(class_name, split, defect, 3, seed=0)
+            digest.update(f"{class_name}/{split}/{defect}".encode())
+            digest.update(image.tobytes())
+            if mask is not None:
+                digest.update(mask.tobytes())
+    return digest.hexdigest()
+
+
+def test_generated_pixels_are_pinned() -> None:
+    assert synth.GENERATOR_VERSION == 1
+    assert pixel_fingerprint() == PIXELS_V1
 
 
 def test_read_catalog(small_root: Path) -> None:
@@ -119,7 +144,7 @@ def test_masks_mark_exactly_the_changed_pixels() -> None:
 def test_generation_is_deterministic(small_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     again = synth.generate(tmp_path / "again", workers=2, **SMALL)           # forked processes, same bytes
     assert tree_digest(again) == tree_digest(small_root)
-    monkeypatch.setattr(synth.threading, "active_count", lambda: 2)         # where fork is unsafe: threads
+    monkeypatch.setattr(threading, "active_count", lambda: 2)         # where fork is unsafe: threads
     threaded = synth.generate(tmp_path / "threaded", workers=2, **SMALL)
     assert tree_digest(threaded) == tree_digest(small_root)
     monkeypatch.undo()
@@ -185,7 +210,7 @@ def test_interrupted_generation_leaves_no_half_dataset(small_root: Path, tmp_pat
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     root = Path(shutil.copytree(small_root, tmp_path / "synth"))
     before = tree_digest(root)
-    real = synth.render_sample
+    real = writer.render_sample
     calls = {"n": 0}
 
     def failing(*args: object, **kwargs: object) -> tuple[np.ndarray, np.ndarray | None]:
@@ -194,7 +219,7 @@ def test_interrupted_generation_leaves_no_half_dataset(small_root: Path, tmp_pat
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(synth, "render_sample", failing)
+    monkeypatch.setattr(writer, "render_sample", failing)
     with pytest.raises(KeyboardInterrupt):                       # regenerating over a good root
         synth.generate(root, workers=1, **SMALL)
     assert tree_digest(root) == before                           # the old root is untouched
@@ -222,7 +247,8 @@ def test_a_root_written_meanwhile_by_another_process_is_kept(tmp_path: Path) -> 
 
 def test_ensure_generated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tiny = synth.SynthSpec(classes=("pcb",), n_train=2, n_test_good=1, n_test_per_defect=1)
-    monkeypatch.setattr(synth, "DEFAULT_SPEC", tiny)
+    monkeypatch.setattr(spec, "DEFAULT_SPEC", tiny)      # what is_generated compares with
+    monkeypatch.setattr(writer, "DEFAULT_SPEC", tiny)    # what ensure_generated writes
     monkeypatch.setenv("LTBENCH_HOME", str(tmp_path / "home"))
     assert not synth.is_generated()
     root = synth.ensure_generated()
@@ -232,10 +258,10 @@ def test_ensure_generated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     stamp_time = (root / synth.STAMP_NAME).stat().st_mtime_ns
     assert synth.ensure_generated(tmp_path / "home") == root          # up to date: nothing rewritten
     assert (root / synth.STAMP_NAME).stat().st_mtime_ns == stamp_time
-    monkeypatch.setattr(synth, "GENERATOR_VERSION", synth.GENERATOR_VERSION + 1)
+    monkeypatch.setattr(spec, "GENERATOR_VERSION", synth.GENERATOR_VERSION + 1)
     assert not synth.is_generated()
     synth.ensure_generated()                                          # a changed generator regenerates
-    assert json.loads((root / synth.STAMP_NAME).read_text())["generator_version"] == synth.GENERATOR_VERSION
+    assert json.loads((root / synth.STAMP_NAME).read_text())["generator_version"] == spec.GENERATOR_VERSION
     foreign = tmp_path / "other" / "synth"
     foreign.mkdir(parents=True)
     (foreign / "photo.png").write_bytes(b"not ours")
@@ -264,6 +290,6 @@ def test_mean_image_baseline_fails_on_exp100() -> None:
         assert row.image == f"{row.class_name}/train/good/{Path(row.image).stem}.png"
         selected[row.class_name].append(int(Path(row.image).stem))
     assert [len(selected[c]) for c in manifest.class_order] == target_counts(200, 12, "exp", 100)
-    with synth._pool(2) as pool:
+    with writer._pool(2) as pool:
         aurocs = list(pool.map(mean_image_auroc, manifest.class_order, [selected[c] for c in manifest.class_order]))
     assert np.mean(aurocs) < 0.9, dict(zip(manifest.class_order, aurocs))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from baselines.uniad import UniAD, UniADAlign, UniADAlignConfig, UniADConfig
@@ -279,3 +280,20 @@ def test_presets_paper_is_the_official_recipe_and_quick_is_small():
     assert UniADAlignConfig().backbone == "align" and UniADConfig().backbone == "efficientnet-b7"
     # a JSON round trip (lists for tuples) gives the same config
     assert make_config(UniADConfig, json.loads(json.dumps(dataclasses.asdict(paper)))) == paper
+
+
+def test_the_map_is_the_upsampled_reconstruction_error_and_the_score_the_pooled_max(fitted):
+    """UniAD's score formula, against a direct computation: ‖Π(p) − p‖₂ per token, bilinear (align_corners) to 224."""
+    images, _ = striped_images(2, seed=4, anomalous=True)
+    prediction = fitted.predict(images, torch.zeros(2, dtype=torch.int64))
+    encoder = fitted.image_encoder("cpu")
+    stored = {name: m.half().float() for name, m in encoder.encode_image(images).maps.items()}
+    resized = [F.interpolate(stored[name], size=(14, 14), mode="bilinear", align_corners=False)
+               for name in fitted.meta_.feature_layers]
+    tokens = torch.cat(resized, dim=1).flatten(2).transpose(1, 2).half().float()  # (B, 196, C)
+    with torch.no_grad():
+        error = (fitted.module_(tokens) - tokens).pow(2).sum(-1).sqrt().view(2, 1, 14, 14)
+    expected = F.interpolate(error, size=(224, 224), mode="bilinear", align_corners=True)[:, 0]
+    assert torch.allclose(prediction.anomaly_maps, expected, atol=1e-5)
+    pooled = F.avg_pool2d(expected[:, None].double(), kernel_size=16, stride=1).amax(dim=(1, 2, 3))
+    assert torch.allclose(prediction.image_scores.double(), pooled, atol=1e-5)

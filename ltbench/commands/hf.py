@@ -10,11 +10,18 @@ from pathlib import Path
 
 import click
 
-from ltbench.download import SOURCES, TERMS, archive_sources, download_dataset, download_root, parse_checksums
+from ltbench.datasets import dataset_info
+from ltbench.download import (
+    archive_sources,
+    download_dataset,
+    download_root,
+    downloadable_datasets,
+    parse_checksums,
+)
 
 
 @click.command("download")
-@click.argument("dataset", type=click.Choice(sorted(SOURCES)))
+@click.argument("dataset", type=click.Choice(sorted(downloadable_datasets())))
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder to extract the dataset into [default: $LTBENCH_DATA/<dataset>].")
 @click.option("--url", default=None,
@@ -36,10 +43,10 @@ def download_command(dataset: str, root: Path | None, url: str | None, checksums
     target = download_root(dataset, root)
     pinned_by_user = parse_checksums(dataset, checksums)
     sources = archive_sources(dataset, url, pinned_by_user)
-    click.echo(TERMS[dataset].licence_line())
+    click.echo(dataset_info(dataset).licence_line())
     if any(source.sha256 is None for source in sources):
         click.echo(f"No checksum is pinned for the {dataset} archives: their sha256 and md5 are printed "
-                   f"below for you to compare with {TERMS[dataset].homepage}.")
+                   f"below for you to compare with {dataset_info(dataset).homepage}.")
     click.echo(f"Downloading {len(sources)} archive(s) into {target} ...")
     report = download_dataset(dataset, target, url=url, checksums=pinned_by_user, keep_archives=keep_archives,
                               retries=retries, verify_files=verify_files)
@@ -83,7 +90,7 @@ def export_hf_command(split_name: str, root: Path | None, out: Path, repo_id: st
     click.echo(f"Exported {result.split} to {out}: "
                + ", ".join(f"{split} {rows} rows in {len(result.shards[split])} shard(s)"
                            for split, rows in result.num_rows.items()))
-    click.echo(f"The images stay under their source licence: {TERMS[dataset].licence_line()}")
+    click.echo(f"The images stay under their source licence: {dataset_info(dataset).licence_line()}")
     if repo_id is not None:
         click.echo(f"Pushing to the dataset repo {repo_id}{' (private)' if private else ''} ...")
         url = hf.push_to_hub(out, repo_id, private=private)

@@ -59,9 +59,11 @@ def _info(line: str) -> None:
               help="Test images per predict call.")
 @click.option("--overlays", "overlays_per_class", type=click.IntRange(min=0), default=3, show_default=True,
               help="Anomaly-map overlays written per class.")
+@click.option("--report/--no-report", "write_report", default=True, show_default=True,
+              help="Write report.html (tables, charts, anomaly maps) into the run directory.")
 def run_command(model: str, split: str | None, root: str | None, preset: str | None, config_file: Path | None,
                 set_values: tuple[str, ...], out: Path, device: str | None, seed: int | None, resume: Path | None,
-                backbone: str | None, batch_size: int, overlays_per_class: int) -> None:
+                backbone: str | None, batch_size: int, overlays_per_class: int, write_report: bool) -> None:
     """Train a detector on a long-tailed split, evaluate it and write a run directory."""
     from ltbench.runner import RunOptions, run
 
@@ -70,7 +72,7 @@ def run_command(model: str, split: str | None, root: str | None, preset: str | N
 
     options = RunOptions(model=model, split=split, root=root, preset=preset, config_file=config_file,
                          set_values=set_values, out=out, device=device, seed=seed, resume=resume,
-                         batch_size=batch_size, overlays_per_class=overlays_per_class,
+                         batch_size=batch_size, overlays_per_class=overlays_per_class, report=write_report,
                          command=_command_line(click.get_current_context()))
     result = run(options, report=_info)
     if result.evaluation is None:  # another rank of a distributed run: rank 0 prints
@@ -104,7 +106,8 @@ def leaderboard_command(runs_dir: Path, dataset: str | None, fmt: str, per_class
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="[default: cuda when available, else cpu]")
 def predict_command(run_dir: Path, images: tuple[Path, ...], class_name: str, out: Path, device: str | None) -> None:
     """Score new images with a finished run's model and write heat-map overlays."""
-    from ltbench.runner import SCORES_FILE, predict_images
+    from ltbench.predict import predict_images
+    from ltbench.rundir import SCORES_FILE
 
     results = predict_images(run_dir, list(images), class_name, out, device=device)
     width = max(len(f"{r.score:.6g}") for r in results)

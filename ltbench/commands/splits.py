@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 
-from ltbench.datasets import check_files, dataset_module, open_catalog, resolve_root
+from ltbench.datasets import DATASETS, check_files, dataset_module, open_catalog, resolve_root
 from ltbench.errors import DatasetError, SplitError
 from ltbench.splits import (
     build_split,
@@ -15,22 +16,26 @@ from ltbench.splits import (
     describe,
     format_beta,
     format_counts,
+    has_file_list,
     list_pinned,
     load_manifest,
     manifest_json_path,
     open_split,
+    source_catalog,
 )
 
 SHOWN_PATHS = 10  # how many missing/unexpected paths `verify` prints
+DATASET_HELP = f"{', '.join(DATASETS[:-1])} or {DATASETS[-1]}."
 
 
 @click.command("make-split")
-@click.option("--dataset", required=True, help="mvtec, visa, dagm, synth or folder.")
+@click.option("--dataset", required=True, help=DATASET_HELP)
 @click.option("--type", "profile", required=True, help="Imbalance profile: exp or step.")
 @click.option("--beta", required=True, type=float, help="Imbalance factor (>= 1): largest / smallest class.")
 @click.option("--reverse", is_flag=True, help="Reverse the class order (the tail becomes the head).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed.")
-@click.option("--root", type=click.Path(path_type=Path), help="Dataset root (default: $LTBENCH_DATA/<dataset>).")
+@click.option("--root", type=click.Path(path_type=Path),
+              help="Dataset root (default: $LTBENCH_DATA/<dataset>; mvtec and visa: the shipped file list).")
 @click.option("--out", type=click.Path(path_type=Path),
               help="Manifest CSV to write; the JSON goes beside it (default: splits-out/<dataset>/<config>.csv).")
 def make_split(dataset: str, profile: str, beta: float, reverse: bool, seed: int, root: Path | None,
@@ -39,11 +44,17 @@ def make_split(dataset: str, profile: str, beta: float, reverse: bool, seed: int
     dataset_module(dataset)
     check_recipe(profile, beta, seed)
     json_out = manifest_json_path(out) if out is not None else None  # fail before any work
-    root_path, source = resolve_root(dataset, root)
-    click.echo(f"Using {source}.")
-    catalog = open_catalog(dataset, root_path)
-    manifest = build_split(catalog, profile, beta, reverse=reverse, seed=seed)
-    manifest.verify(root_path)
+    if root is None and not os.environ.get("LTBENCH_DATA") and has_file_list(dataset):
+        # a manifest needs only file names: the shipped official list gives them without the images
+        click.echo(f"No root given: building from the official {dataset} file list shipped with LTBench "
+                   f"(check a local copy against it with: ltbench verify --dataset {dataset} --root DIR).")
+        manifest = build_split(source_catalog(dataset), profile, beta, reverse=reverse, seed=seed)
+    else:
+        root_path, source = resolve_root(dataset, root)
+        click.echo(f"Using {source}.")
+        catalog = open_catalog(dataset, root_path)
+        manifest = build_split(catalog, profile, beta, reverse=reverse, seed=seed)
+        manifest.verify(root_path)
     out = out if out is not None else Path("splits-out") / dataset / f"{manifest.config}.csv"
     json_out = manifest_json_path(out)
     manifest.write(out)
@@ -94,7 +105,7 @@ def _echo_paths(title: str, paths: list[str]) -> None:
 
 
 @click.command("verify")
-@click.option("--dataset", required=True, help="mvtec, visa, dagm, synth or folder.")
+@click.option("--dataset", required=True, help=DATASET_HELP)
 @click.option("--root", type=click.Path(path_type=Path), help="Dataset root (default: $LTBENCH_DATA/<dataset>).")
 @click.option("--split", "split_name", help="Also check that every image of this split is present.")
 def verify(dataset: str, root: Path | None, split_name: str | None) -> None:

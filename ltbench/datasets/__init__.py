@@ -1,11 +1,12 @@
 """Dataset catalogs: one module per dataset, each reading a root into `Record`s.
 
 `open_catalog(dataset, root)` is the single entry point; `resolve_root` applies the
-`--root` / `$LTBENCH_DATA/<dataset>` rule. Each dataset module exposes `CLASS_ORDER`,
-`read_catalog(root)` and, for error messages, `LAYOUT` (a phrase describing the expected folder
-layout; read through `layout_of`); modules may also expose `N_MAX` (the paper's largest class size),
+`--root` / `$LTBENCH_DATA/<dataset>` rule. Each dataset module exposes `INFO` (a `DatasetInfo`:
+title, licence, layout, class order, N_max, pinned configurations, download sources; read
+through `dataset_info`), `CLASS_ORDER` and `read_catalog(root)`; modules may also expose
 `expected_files(root)` (the official file list, for `ltbench verify`), `canonical_path(image)`
-and `localize_paths(root, images)` (for datasets with more than one on-disk layout).
+and `localize_paths(root, images)` (for datasets with more than one on-disk layout). A new
+dataset is one module (plus its file list) and its name in `DATASETS`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from functools import cache
 from pathlib import Path
 from types import ModuleType
 
-from ltbench.datasets.base import ANOMALY, NORMAL, Catalog, Record
+from ltbench.datasets.base import ANOMALY, NORMAL, ArchiveSource, Catalog, DatasetInfo, Record
 from ltbench.errors import DatasetError
+from ltbench.resources import DATA_FILES
 
 __all__ = [
     "ANOMALY",
@@ -27,10 +29,13 @@ __all__ = [
     "DATA_FILES",
     "IMAGE_SUFFIXES",
     "NORMAL",
+    "ArchiveSource",
     "Catalog",
+    "DatasetInfo",
     "FileCheck",
     "Record",
     "check_files",
+    "dataset_info",
     "dataset_module",
     "image_files_under",
     "layout_of",
@@ -40,7 +45,6 @@ __all__ = [
 ]
 
 DATASETS = ("mvtec", "visa", "dagm", "synth", "folder")
-DATA_FILES = Path(__file__).resolve().parent.parent / "data_files"
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 
 
@@ -57,9 +61,14 @@ def dataset_module(dataset: str) -> ModuleType:
                            f"(ltbench/datasets/{dataset}.py is missing): reinstall ltbench") from exc
 
 
+def dataset_info(dataset: str) -> DatasetInfo:
+    """The description of a dataset (its module's `INFO`); unknown names raise `DatasetError`."""
+    return dataset_module(dataset).INFO
+
+
 def layout_of(dataset: str) -> str:
     """A phrase describing the folder layout a dataset root must have (for error messages)."""
-    return getattr(dataset_module(dataset), "LAYOUT", f"the {dataset} layout described in its documentation")
+    return dataset_info(dataset).layout
 
 
 @cache

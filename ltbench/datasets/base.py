@@ -59,3 +59,40 @@ class Catalog:
         for r in sorted(self.records, key=lambda r: r.image):
             digest.update(f"{r.class_name}\t{r.split}\t{r.label}\t{r.image}\t{r.mask or ''}\n".encode())
         return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ArchiveSource:
+    """One archive of a dataset: its file name, where to fetch it and its pinned sha256 (None: not pinned)."""
+
+    filename: str
+    url: str
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Everything LTBench knows about a dataset apart from its files: one per dataset module (`INFO`).
+
+    The CLI's choices, the download, the pinned splits, the 🤗 dataset card and the leaderboard's
+    titles all read this description, so a new dataset is one module (plus its file list).
+    """
+
+    name: str                                  # the --dataset value and the first part of split names
+    title: str                                 # who made it, e.g. "MVTec AD (MVTec Software GmbH)"
+    table_title: str                           # its name in leaderboard titles, e.g. "MVTec"
+    licence_id: str                            # Hugging Face Hub licence identifier ("cc-by-4.0", "other", ...)
+    licence: str                               # licence in words
+    homepage: str                              # where the terms are published
+    citation: str                              # BibTeX of the paper(s) to cite ("" for none)
+    layout: str                                # the folder layout a root must have, for error messages
+    class_order: tuple[str, ...] = ()          # canonical (long-tail) order; () = derived from each root
+    n_max: int | None = None                   # the recipe's N_max; None = the largest class of the root
+    pinned_configs: tuple[str, ...] = ()       # configurations shipped in splits/<name>/
+    recipe_only: bool = False                  # no public file list: only the recipe of a split is pinned
+    paper_benchmark: bool = False              # one of the LTAD paper's long-tailed ("-LT") benchmarks
+    sources: tuple[ArchiveSource, ...] = ()    # archives `ltbench download` fetches; () = not downloadable
+
+    def licence_line(self) -> str:
+        """One line naming the dataset, its licence and where its terms are: printed before a download."""
+        return f"{self.title} is distributed under {self.licence}; terms: {self.homepage}"

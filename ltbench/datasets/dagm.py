@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ltbench.datasets import paper_class_order
-from ltbench.datasets.base import ANOMALY, NORMAL, Catalog, Record
+from ltbench.datasets.base import ANOMALY, NORMAL, ArchiveSource, Catalog, DatasetInfo, Record
 from ltbench.errors import DatasetError
 
 CLASS_ORDER: list[str] = list(paper_class_order("dagm"))  # LTAD paper, Sec. 3 (long-tail order)
@@ -22,6 +22,36 @@ N_MAX = 1000  # classes 7-10 hold 1,000 normal training images; LTAD paper, Tabl
 LAYOUT = ("the DAGM 2007 layout: Class1 ... Class10, each with Train/ and Test/ holding NNNN.PNG images and "
           "Label/Labels.txt (ClassN/ClassN/Train also accepted)")
 _SPLITS = (("Train", "train"), ("Test", "test"))
+_ZENODO_RECORD = "https://zenodo.org/records/8086136/files"
+INFO = DatasetInfo(
+    name="dagm",
+    title="DAGM 2007 (Wieler & Hahn)",
+    table_title="DAGM",
+    licence_id="other",
+    licence="terms LTBench could not confirm (check them at the source before use)",
+    homepage="https://zenodo.org/records/8086136",
+    citation=(
+        "@inproceedings{wieler2007dagm,\n"
+        "  title     = {Weakly Supervised Learning for Industrial Optical Inspection},\n"
+        "  author    = {Wieler, Matthias and Hahn, Tobias},\n"
+        "  booktitle = {29th Annual Symposium of the German Association for Pattern Recognition (DAGM)},\n"
+        "  year      = {2007}\n"
+        "}\n"
+    ),
+    layout=LAYOUT,
+    class_order=tuple(CLASS_ORDER),
+    n_max=N_MAX,
+    # LTAD paper, Sec. 3 and Table 2; the reversed orders: Sec. 6, Fig. 8
+    pinned_configs=tuple(f"{p}{b}" for p in ("exp", "step") for b in (50, 100, 200, 500))
+    + ("exp200-reverse", "step200-reverse"),
+    recipe_only=True,  # no public copy of the Labels.txt files: manifests are built on the user's machine
+    paper_benchmark=True,
+    # Zenodo record 8086136, one zip per class. No checksum of these files could be confirmed
+    # offline, so none is pinned: the report carries the computed sha256 and md5 (Zenodo lists
+    # md5 on the record page) for the user to compare, or the user pins them with --sha256.
+    sources=tuple(ArchiveSource(f"Class{i}.zip", f"{_ZENODO_RECORD}/Class{i}.zip?download=1", None)
+                  for i in range(1, 11)),
+)
 
 
 def class_folder(root: Path, class_name: str) -> str | None:

@@ -10,12 +10,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from ltbench.datasets import IMAGE_SUFFIXES
-from ltbench.datasets.base import ANOMALY, NORMAL, Catalog, Record
+from ltbench.datasets.base import ANOMALY, NORMAL, Catalog, DatasetInfo, Record
 from ltbench.errors import DatasetError
 
 CLASS_ORDER: list[str] = []  # derived from each tree by `class_order(root)`
 LAYOUT = ("an MVTec-style layout: <class>/train/good/<images>, <class>/test/<defect>/<images> and "
           "<class>/ground_truth/<defect>/<stem>_mask.png (or <stem>.png)")
+INFO = DatasetInfo(
+    name="folder",
+    title="a local MVTec-layout folder",
+    table_title="folder",
+    licence_id="other",
+    licence="the terms of whoever made the images (LTBench does not know them)",
+    homepage="(local data)",
+    citation="",
+    layout=LAYOUT,
+)
 
 
 def _images_in(directory: Path) -> list[str]:

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ltbench.datasets import DATA_FILES, paper_class_order
-from ltbench.datasets.base import ANOMALY, NORMAL, Catalog, Record
+from ltbench.datasets.base import ANOMALY, NORMAL, ArchiveSource, Catalog, DatasetInfo, Record
 from ltbench.datasets.folder import walk_mvtec_layout
 from ltbench.errors import DatasetError
 
@@ -21,6 +21,43 @@ N_MAX = 391  # largest class (hazelnut train/good); LTAD paper, Table 2
 FILE_LIST = DATA_FILES / "mvtec_files.csv"
 LAYOUT = ("the MVTec AD layout: <class>/train/good/000.png, <class>/test/<defect>/000.png and "
           "<class>/ground_truth/<defect>/000_mask.png for the 15 classes (hazelnut, leather, bottle, ...)")
+INFO = DatasetInfo(
+    name="mvtec",
+    title="MVTec AD (MVTec Software GmbH)",
+    table_title="MVTec",
+    licence_id="cc-by-nc-sa-4.0",
+    licence="CC BY-NC-SA 4.0 (non-commercial use only)",
+    homepage="https://www.mvtec.com/company/research/datasets/mvtec-ad",
+    citation=(
+        "@inproceedings{bergmann2019mvtec,\n"
+        "  title     = {{MVTec AD} -- A Comprehensive Real-World Dataset for Unsupervised Anomaly Detection},\n"
+        "  author    = {Bergmann, Paul and Fauser, Michael and Sattlegger, David and Steger, Carsten},\n"
+        "  booktitle = {IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},\n"
+        "  year      = {2019}\n"
+        "}\n"
+        "@article{bergmann2021mvtec,\n"
+        "  title   = {The {MVTec} Anomaly Detection Dataset: A Comprehensive Real-World Dataset for\n"
+        "             Unsupervised Anomaly Detection},\n"
+        "  author  = {Bergmann, Paul and Batzner, Kilian and Fauser, Michael and Sattlegger, David and\n"
+        "             Steger, Carsten},\n"
+        "  journal = {International Journal of Computer Vision},\n"
+        "  volume  = {129},\n"
+        "  pages   = {1038--1059},\n"
+        "  year    = {2021}\n"
+        "}\n"
+    ),
+    layout=LAYOUT,
+    class_order=tuple(CLASS_ORDER),
+    n_max=N_MAX,
+    pinned_configs=("exp100", "exp200", "step100", "step200"),  # LTAD paper, Sec. 3 and Table 2
+    paper_benchmark=True,
+    # The link anomalib uses (MVTec has moved it several times; pass --url for a mirror).
+    sources=(ArchiveSource(
+        "mvtec_anomaly_detection.tar.xz",
+        "https://www.mydrive.ch/shares/150996/b52ecdcbf521176e9db9c731f2304b27/download/420938113-1629960298/"
+        "mvtec_anomaly_detection.tar.xz",
+        "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"),),
+)
 
 
 @lru_cache(maxsize=1)

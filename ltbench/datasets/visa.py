@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ltbench.datasets import DATA_FILES, paper_class_order
-from ltbench.datasets.base import ANOMALY, NORMAL, Catalog, Record
+from ltbench.datasets.base import ANOMALY, NORMAL, ArchiveSource, Catalog, DatasetInfo, Record
 from ltbench.datasets.folder import walk_mvtec_layout
 from ltbench.errors import DatasetError
 
@@ -27,6 +27,33 @@ LAYOUT = ("the VisA layout: either the raw download (<class>/Data/Images/Normal/
           "<class>/Data/Images/Anomaly/*.JPG, <class>/Data/Masks/Anomaly/*.png, split_csv/1cls.csv) or the "
           "converted one (<class>/train/good, <class>/test/good, <class>/test/bad, <class>/ground_truth/bad) "
           "for the 12 classes (pcb1, candle, ...)")
+INFO = DatasetInfo(
+    name="visa",
+    title="VisA (Amazon)",
+    table_title="VisA",
+    licence_id="cc-by-4.0",
+    licence="CC BY 4.0",
+    homepage="https://github.com/amazon-science/spot-diff",
+    citation=(
+        "@inproceedings{zou2022spot,\n"
+        "  title     = {{SPot-the-Difference} Self-Supervised Pre-training for Anomaly Detection and\n"
+        "               Segmentation},\n"
+        "  author    = {Zou, Yang and Jeong, Jongheon and Pemula, Latha and Zhang, Dongqing and\n"
+        "               Dabeer, Onkar},\n"
+        "  booktitle = {European Conference on Computer Vision (ECCV)},\n"
+        "  year      = {2022}\n"
+        "}\n"
+    ),
+    layout=LAYOUT,
+    class_order=tuple(CLASS_ORDER),
+    n_max=N_MAX,
+    pinned_configs=tuple(f"{p}{b}" for p in ("exp", "step") for b in (100, 200, 500)),  # LTAD paper, Sec. 3
+    paper_benchmark=True,
+    sources=(ArchiveSource(
+        "VisA_20220922.tar",
+        "https://amazon-visual-anomaly.s3.us-west-2.amazonaws.com/VisA_20220922.tar",
+        "2eb8690c803ab37de0324772964100169ec8ba1fa3f7e94291c9ca673f40f362"),),
+)
 
 # converted-layout folder <-> raw-layout folder, per class
 _CONVERTED_TO_RAW = {
