@@ -68,6 +68,8 @@ BUILTIN_DETECTORS: dict[str, str] = {
     "ltad": "ltad_model:LTAD",
     "ltad_wo_sad": "ltad_model:LTADWithoutSAD",
     "regad": "baselines.regad:RegAD",
+    "patchcore": "baselines.patchcore:PatchCore",
+    "mkd": "baselines.mkd:MKD",
 }
 ENTRY_POINT_GROUP = "ltbench.detectors"
 REQUIRED_MEMBERS = ("Config", "fit", "predict", "save", "load")

@@ -31,7 +31,7 @@ PAPER_RESULTS = data_file("paper/ltad_cvpr2024_results.csv")
 # Column names of the paper's tables, in the paper's column order (Table 3).
 PAPER_METHODS = {
     "cutpaste": "Cut & Paste", "mkd": "MKD", "draem": "DRAEM", "regad": "RegAD", "uniad": "UniAD",
-    "anomalygpt": "AnomalyGPT", "ltad_wo_sad": "LTAD w/o SAD", "ltad": "LTAD",
+    "anomalygpt": "AnomalyGPT", "patchcore": "PatchCore", "ltad_wo_sad": "LTAD w/o SAD", "ltad": "LTAD",
 }
 SUMMARY_SOURCES = ("Table 3", "Table 4", "Table 5")  # the summary tables; the rest are supplementary
 TASKS = (("Det.", "image_auroc"), ("Seg.", "pixel_auroc"))
