@@ -79,9 +79,12 @@ BUILTIN_DETECTORS: dict[str, str] = {
     "cutpaste": "baselines.cutpaste:CutPaste",
     "uniad": "baselines.uniad:UniAD",
     "uniad_align": "baselines.uniad:UniADAlign",
+    "draem": "baselines.draem:DRAEM",
     "ltad": "ltad_model:LTAD",
     "ltad_wo_sad": "ltad_model:LTADWithoutSAD",
     "regad": "baselines.regad:RegAD",
+    "patchcore": "baselines.patchcore:PatchCore",
+    "mkd": "baselines.mkd:MKD",
 }
 ENTRY_POINT_GROUP = "ltbench.detectors"
 REQUIRED_MEMBERS = ("Config", "fit", "predict", "save", "load")
@@ -512,6 +515,24 @@ class TorchDetector(abc.ABC):
     def _check_fitted(self) -> None:
         if not hasattr(self, "module_"):
             raise DetectorError(f"{type(self).__name__}.predict called before fit(); train it or load() a saved one")
+
+    def check_inputs(self, images: Tensor, class_idx: Tensor) -> torch.device:
+        """Refuse malformed `predict` inputs (shapes, class range); returns the device the module lives on.
+
+        The class range is checked against `self.meta_.class_names` when the Meta has that field.
+        """
+        self._check_fitted()
+        name = type(self).__name__
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, IMAGE_SIZE, IMAGE_SIZE):
+            raise DetectorError(f"{name}.predict expects images (B, 3, {IMAGE_SIZE}, {IMAGE_SIZE}), got {tuple(images.shape)}")
+        if class_idx.shape != images.shape[:1]:
+            raise DetectorError(f"{name}.predict: class_idx must have shape ({len(images)},), got {tuple(class_idx.shape)}")
+        class_names = getattr(self.meta_, "class_names", None)
+        if class_names is not None and len(class_idx) and (
+                int(class_idx.min()) < 0 or int(class_idx.max()) >= len(class_names)):
+            raise DetectorError(f"{name}.predict: class_idx must lie in [0, {len(class_names)}) (the training split's classes)")
+        tensors = [*self.module_.parameters(), *self.module_.buffers()]  # a memory bank has buffers only
+        return tensors[0].device if tensors else torch.device("cpu")
 
     def save(self, directory: Path) -> None:
         """Write config.json (config + meta) and model.safetensors into `directory`."""

@@ -8,7 +8,7 @@
   must see every training image, and a gradient method trains exactly like one process);
   `scope="shard"` keeps only this rank's share;
 - `fit` with a private, seeded random state (the caller's generators are left as they were);
-- `predict`'s input checks (`check_inputs`) and the patch grid → 224×224 map (`grid_to_image`);
+- the patch grid → 224×224 map (`grid_to_image`; `predict`'s input checks are `TorchDetector.check_inputs`);
 - typed saved metadata (`FeatureMeta` and its subclasses) and the resumable training state
   (`progress`, see `ltbench.training`).
 A subclass defines `Config` (with at least `backbone: str` and `seed: int`), `Meta`,
@@ -155,22 +155,6 @@ class FeatureDetector(TorchDetector, abc.ABC):
     def progress(self, train: TrainSet, meta: Any) -> TrainingProgress:
         """The resumable training state of this fit in `train.checkpoint_dir`, bound to this config and meta."""
         return TrainingProgress(Path(train.checkpoint_dir), training_identity(self.config, meta))
-
-    # ------------------------------------------------------------------ predict helpers
-
-    def check_inputs(self, images: Tensor, class_idx: Tensor) -> torch.device:
-        """Refuse malformed `predict` inputs (shapes, class range); returns the device the model lives on."""
-        self._check_fitted()
-        name = type(self).__name__
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, IMAGE_SIZE, IMAGE_SIZE):
-            raise DetectorError(f"{name}.predict expects images (B, 3, {IMAGE_SIZE}, {IMAGE_SIZE}), got {tuple(images.shape)}")
-        if class_idx.shape != images.shape[:1]:
-            raise DetectorError(f"{name}.predict: class_idx must have shape ({len(images)},), got {tuple(class_idx.shape)}")
-        num_classes = len(self.meta_.class_names)
-        if len(class_idx) and (int(class_idx.min()) < 0 or int(class_idx.max()) >= num_classes):
-            raise DetectorError(f"{name}.predict: class_idx must lie in [0, {num_classes}) (the training split's classes)")
-        tensors = [*self.module_.parameters(), *self.module_.buffers()]  # a memory bank has buffers only
-        return tensors[0].device if tensors else torch.device("cpu")
 
     # ------------------------------------------------------------------ persistence
 

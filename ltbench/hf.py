@@ -26,7 +26,7 @@ from ltbench.datasets import dataset_info
 from ltbench.datasets.base import NORMAL, Catalog
 from ltbench.errors import DatasetError, DependencyError, LTBenchError, SplitError
 from ltbench.io import atomic_path, write_text
-from ltbench.splits import Manifest, format_beta, load_manifest, open_split
+from ltbench.splits import Manifest, format_beta, load_manifest, open_split, provenance
 
 try:  # the [hub] extra: a plain `pip install ltbench` has no `datasets` (nor its pyarrow and yaml)
     import datasets
@@ -249,6 +249,11 @@ def dataset_card(manifest: Manifest, result: ExportResult, features: datasets.Fe
     order = "reversed paper class order" if manifest.reverse else "class order"
     formula = ("n_i = floor(N_max · β^(-i/(C-1))), at least 1" if manifest.profile == "exp"
                else "n_i = N_max for i < floor(C/2), else floor(N_max / β), at least 1")
+    recipe = "" if manifest.from_list else f"""- Profile `{manifest.profile}`, imbalance factor β = {beta}, {order}, seed {manifest.seed},
+  N_max = {manifest.n_max}, recipe version {manifest.recipe_version}: {formula}.
+- Each class keeps min(n_i, available) normal training images, drawn uniformly without replacement
+  with a seeded generator; High (majority) classes are the first floor(C/2) of the order, Low the rest.
+"""
     counts = "\n".join(f"| {i} | {c} | {manifest.group_of(c)} | {manifest.target_counts[c]} | "
                        f"{manifest.counts.get(c, '-')} |" for i, c in enumerate(manifest.class_order))
     source = repo_id or str(result.out)
@@ -272,10 +277,7 @@ mask encoding (binarised to 0/255), and is subject to the same terms.
 
 ## How the split was made
 
-- Profile `{manifest.profile}`, imbalance factor β = {beta}, {order}, seed {manifest.seed},
-  N_max = {manifest.n_max}, recipe version {manifest.recipe_version}: {formula}.
-- Each class keeps min(n_i, available) normal training images, drawn uniformly without replacement
-  with a seeded generator; High (majority) classes are the first floor(C/2) of the order, Low the rest.
+{recipe}- {provenance(manifest)}
 - Manifest `manifest/{manifest.config}.csv` (sha256 `{manifest.csv_sha256}`), built from the file list
   with fingerprint `{manifest.source_fingerprint}`.
 

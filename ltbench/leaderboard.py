@@ -4,8 +4,10 @@ Summary (paper Tables 3-5): one table per dataset; rows are configurations x tas
 image AUROC, Seg. = pixel AUROC), columns are methods, each cell the mean over all classes.
 Per class (supplementary Tables 10-49): one table per configuration and metric; rows are
 methods, columns All, High, Low and then each class in the split's order. Values are
-percentages with two decimals. Only `metrics.json` files of finished runs are read (never a
-file that runs append to); for each (model, split) the latest run counts.
+percentages with two decimals. Only `metrics.json` (and `config.json`) files of finished runs are
+read (never a file that runs append to); for each (model, split, run seed, setting) the latest run
+counts. Runs that differ only in the split's seed or the run's seed are one cell: mean ± sample
+standard deviation (ddof=1) and their number n (`ltbench.seed_groups`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import csv
 import io as _text_io
 import json
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -25,12 +26,13 @@ from ltbench.errors import RunError
 from ltbench.missing import MISSING, NO_MAPS, groups_holding, unscored_text
 from ltbench.resources import data_file
 from ltbench.rundir import finished_metrics_files, run_sort_key
+from ltbench.seed_groups import RunGroup, aggregate, format_stat, group_runs, run_identity
 
 PAPER_RESULTS = data_file("paper/ltad_cvpr2024_results.csv")
 # Column names of the paper's tables, in the paper's column order (Table 3).
 PAPER_METHODS = {
     "cutpaste": "Cut & Paste", "mkd": "MKD", "draem": "DRAEM", "regad": "RegAD", "uniad": "UniAD",
-    "anomalygpt": "AnomalyGPT", "ltad_wo_sad": "LTAD w/o SAD", "ltad": "LTAD",
+    "anomalygpt": "AnomalyGPT", "patchcore": "PatchCore", "ltad_wo_sad": "LTAD w/o SAD", "ltad": "LTAD",
 }
 SUMMARY_SOURCES = ("Table 3", "Table 4", "Table 5")  # the summary tables; the rest are supplementary
 TASKS = (("Det.", "image_auroc"), ("Seg.", "pixel_auroc"))
@@ -106,22 +108,24 @@ def missing_value_notes(runs: list[RunEntry]) -> list[str]:
 
 
 def collect_runs(runs_dir: Path, dataset: str | None = None) -> tuple[list[RunEntry], list[str]]:
-    """Every finished run under `runs_dir`, the latest per (model, split).
+    """Every finished run under `runs_dir`, the latest per (model, split, run seed, setting).
 
     Parameters: runs_dir: a folder of run directories (searched recursively; hidden folders,
     such as unfinished `.partial` runs, are skipped); dataset: keep only this dataset.
-    Returns: (runs sorted by split then model, notes saying which older runs were left out).
+    Returns: (runs sorted by split then model, notes saying which older runs were left out). Runs of
+    one split with another run seed or detector configuration (`seed_groups.run_identity`) are kept.
     """
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise RunError(f"runs folder {runs_dir} does not exist; run `ltbench run` first or give RUNS_DIR")
-    found: dict[tuple[str, str], list[RunEntry]] = defaultdict(list)
+    found: dict[tuple[str, str, int, str], list[RunEntry]] = defaultdict(list)
     for path in finished_metrics_files(runs_dir):
         entry = _read_metrics(path)
         if dataset is None or entry.dataset == dataset:
-            found[(entry.model, entry.split)].append(entry)
+            identity = run_identity(entry.split, entry.run_dir)
+            found[(entry.model, entry.split, identity.run_seed, identity.setting)].append(entry)
     runs, notes = [], []
-    for (model, split), entries in sorted(found.items(), key=lambda item: (item[0][1], item[0][0])):
+    for (model, split, *_), entries in sorted(found.items(), key=lambda item: (item[0][1], item[0][0], item[0][2])):
         entries.sort(key=lambda e: run_sort_key(e.run_dir))
         runs.append(entries[-1])
         if len(entries) > 1:
@@ -181,10 +185,8 @@ def _dataset_key(dataset: str) -> tuple[int, str]:
 
 
 def format_fraction(value: Any) -> str:
-    """A metric fraction as a percentage with two decimals; missing or NaN as N/A."""
-    if value is None or not isinstance(value, (int, float)) or math.isnan(value):
-        return MISSING
-    return f"{100.0 * value:.2f}"
+    """A metric fraction as a percentage with two decimals; missing or NaN as N/A (one run's cell)."""
+    return format_stat(aggregate([value]))
 
 
 def format_reported(value: float | None) -> str:
@@ -197,15 +199,15 @@ def _title(dataset: str) -> str:
     return dataset_info(dataset).table_title if dataset in DATASETS else dataset
 
 
-def _models(runs: list[RunEntry]) -> list[str]:
+def _models(runs: list[RunGroup]) -> list[str]:
     """Run models in the paper's column order where they match a paper method, then by name."""
     names = sorted({r.model for r in runs})
     order = list(PAPER_METHODS)
     return sorted(names, key=lambda m: (order.index(m) if m in order else len(order), m))
 
 
-def summary_tables(runs: list[RunEntry], datasets: list[str], with_paper: bool) -> list[Table]:
-    """One table per dataset: rows configuration x (Det., Seg.), columns methods, cells the All mean."""
+def summary_tables(runs: list[RunGroup], datasets: list[str], with_paper: bool) -> list[Table]:
+    """One table per dataset: rows configuration x (Det., Seg.), columns methods, cells the All mean (± std, n)."""
     tables = []
     for dataset in datasets:
         mine = [r for r in runs if r.dataset == dataset]
@@ -224,7 +226,7 @@ def summary_tables(runs: list[RunEntry], datasets: list[str], with_paper: bool) 
                 cells = [config, task]
                 for model in models:
                     run = by_key.get((model, config))
-                    cells.append(format_fraction(run.summary.get("all", {}).get(metric)) if run else MISSING)
+                    cells.append(format_stat(run.summary_stat("all", metric)) if run else MISSING)
                 cells += [format_reported(paper_value(dataset, config, m, metric, "all", True)) for m in reported]
                 rows.append(cells)
         title = (f"{_title(dataset)}: detection (Det., image AUROC) and segmentation (Seg., pixel AUROC), "
@@ -233,7 +235,7 @@ def summary_tables(runs: list[RunEntry], datasets: list[str], with_paper: bool) 
     return tables
 
 
-def per_class_tables(runs: list[RunEntry], datasets: list[str], with_paper: bool) -> list[Table]:
+def per_class_tables(runs: list[RunGroup], datasets: list[str], with_paper: bool) -> list[Table]:
     """One table per configuration and metric: rows methods, columns All, High, Low and each class."""
     tables = []
     for dataset in datasets:
@@ -243,15 +245,15 @@ def per_class_tables(runs: list[RunEntry], datasets: list[str], with_paper: bool
             here = {r.model: r for r in mine if r.config == config}
             models = _models(list(here.values()))
             if models:
-                classes = list(here[models[0]].per_class)
+                classes = here[models[0]].classes
             else:
                 classes = paper_classes(dataset, config)
             for _, metric in TASKS:
                 rows = []
                 for model in models:
                     run = here[model]
-                    cells = [model] + [format_fraction(run.summary.get(g, {}).get(metric)) for g in ("all", "high", "low")]
-                    cells += [format_fraction(run.per_class.get(c, {}).get(metric)) for c in classes]
+                    cells = [model] + [format_stat(run.summary_stat(g, metric)) for g in ("all", "high", "low")]
+                    cells += [format_stat(run.class_stat(c, metric)) for c in classes]
                     rows.append(cells)
                 for method, label in PAPER_METHODS.items():
                     if not with_paper:
@@ -291,7 +293,9 @@ def build_leaderboard(runs_dir: Path, dataset: str | None = None, per_class: boo
         raise RunError(f"no finished runs under {runs_dir}{where}; run `ltbench run --model NAME` first")
     if with_paper:
         notes += [f"the paper reports no results for {d}" for d in datasets if not paper_configs(d)]
-    tables = (per_class_tables if per_class else summary_tables)(runs, datasets, with_paper)
+    groups, group_notes = group_runs(runs, run_sort_key)
+    tables = (per_class_tables if per_class else summary_tables)(groups, datasets, with_paper)
+    notes += group_notes
     return Leaderboard(tables=tables, notes=notes)
 
 

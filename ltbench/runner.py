@@ -282,6 +282,7 @@ def _plan(options: RunOptions, log: RunLog) -> _Plan:
         "dataset": manifest.dataset,
         "root": str(catalog.root),
         "manifest_csv_sha256": manifest.csv_sha256,
+        "source_fingerprint": manifest.source_fingerprint,  # the leaderboard groups seeds of one file list
         "class_order": list(manifest.class_order),
         "high": list(manifest.high),
         "low": list(manifest.low),

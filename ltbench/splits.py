@@ -16,6 +16,11 @@ The recipe (DESIGN.md, "Long-tailed split recipe"; LTAD paper, Sec. 3), for a cl
 A manifest is `<config>.csv` (`class_name,image,group`, one row per kept image, rows in class
 order then image path, LF endings) beside `<config>.json` (recipe, counts, groups, the CSV's
 sha256 and the fingerprint of the file list it was built from).
+
+The pinned manifests are re-creations: the paper's recipe with LTBench's own seeded draw. The
+authors' own image lists are published separately (Zenodo record 10854201); a manifest can pin
+any such list instead (`ltbench.split_lists`, profile "list"), and `provenance` says which kind a
+manifest is.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ import io
 import json
 import math
 import os
-import re
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,12 +48,12 @@ from ltbench.datasets import (
 from ltbench.errors import LTBenchError, SplitError
 from ltbench.io import atomic_path, sha256_bytes, write_json
 from ltbench.resources import pinned_splits_dir
+from ltbench.split_names import LIST_PROFILE, PROFILES, config_name, format_beta, parse_config
 
 RECIPE_VERSION = 1
-PROFILES = ("exp", "step")
+AUTHORS_LISTS = "Zenodo record 10854201 (https://zenodo.org/records/10854201)"  # LTAD paper, abstract
 PINNED_DIR = pinned_splits_dir()  # the checkout's splits/, or the copy inside an installed wheel
 CSV_HEADER = ("class_name", "image", "group")
-_CONFIG_PATTERN = re.compile(r"(exp|step)(\d+(?:\.\d+)?)(-reverse)?(?:-seed(\d+))?")
 # floor() of the exact recipe value: float rounding may land just below an exact integer
 _FLOOR_TOLERANCE = 1e-9
 
@@ -84,26 +88,6 @@ def target_counts(n_max: int, n_classes: int, profile: str, beta: float) -> list
     return [max(1, math.floor(v + _FLOOR_TOLERANCE)) for v in values]
 
 
-def format_beta(beta: float) -> str:
-    """`100.0` -> "100", `2.5` -> "2.5" (as used in configuration names)."""
-    return str(int(beta)) if float(beta).is_integer() else repr(float(beta))
-
-
-def config_name(profile: str, beta: float, reverse: bool = False, seed: int = 0) -> str:
-    """Configuration name: "exp100", "step200-reverse", "exp100-seed3"."""
-    return f"{profile}{format_beta(beta)}{'-reverse' if reverse else ''}{f'-seed{seed}' if seed else ''}"
-
-
-def parse_config(config: str) -> tuple[str, float, bool, int]:
-    """Inverse of `config_name`: (profile, beta, reverse, seed); raises `SplitError` if malformed."""
-    match = _CONFIG_PATTERN.fullmatch(config)
-    if not match:
-        raise SplitError(f"configuration {config!r} is malformed: use <exp|step><beta>[-reverse][-seed<n>], "
-                         f"e.g. exp100 or step200-reverse")
-    profile, beta, reverse, seed = match.groups()
-    return profile, float(beta), reverse is not None, int(seed or 0)
-
-
 def class_generator(seed: int, class_name: str) -> np.random.Generator:
     """The generator that draws one class's images: `default_rng([seed, crc32(class_name)])`."""
     return np.random.default_rng([seed, zlib.crc32(class_name.encode("utf-8"))])
@@ -135,6 +119,11 @@ def _csv_bytes(rows: list[ManifestRow]) -> bytes:
     writer.writerow(CSV_HEADER)
     writer.writerows((r.class_name, r.image, r.group) for r in rows)
     return buffer.getvalue().encode("utf-8")
+
+
+def manifest_csv_sha256(rows: list[ManifestRow]) -> str:
+    """sha256 of the manifest CSV these rows make (recorded in the JSON, checked on load)."""
+    return sha256_bytes(_csv_bytes(rows))
 
 
 def manifest_json_path(csv_path: str | os.PathLike) -> Path:
@@ -174,6 +163,13 @@ class Manifest:
     csv_sha256: str | None           # sha256 of the CSV bytes; None for a recipe-only manifest
     source_fingerprint: str | None   # Catalog.fingerprint() of the file list the rows were drawn from
     recipe_version: int = RECIPE_VERSION
+    list_file: str | None = None     # profile "list": the name of the image list the rows come from
+    list_sha256: str | None = None   # profile "list": sha256 of that list file's bytes
+
+    @property
+    def from_list(self) -> bool:
+        """True when the rows were pinned from a given list of images rather than drawn by the recipe."""
+        return self.profile == LIST_PROFILE
 
     @property
     def name(self) -> str:
@@ -195,7 +191,9 @@ class Manifest:
                          f"{', '.join(self.class_order)}")
 
     def make_split_command(self) -> str:
-        """The `ltbench make-split` command line that rebuilds this split from a root."""
+        """The `ltbench make-split` command line that rebuilds this split from a root (or from its list)."""
+        if self.from_list:
+            return f"ltbench make-split --dataset {self.dataset} --from-list {self.list_file or 'FILE'}"
         return (f"ltbench make-split --dataset {self.dataset} --type {self.profile} --beta {format_beta(self.beta)}"
                 f"{' --reverse' if self.reverse else ''}{f' --seed {self.seed}' if self.seed else ''} --root DIR")
 
@@ -204,8 +202,8 @@ class Manifest:
         return _csv_bytes(self.rows)
 
     def to_json(self) -> dict:
-        """The JSON file's content."""
-        return {
+        """The JSON file's content (a list manifest adds `list_file` and `list_sha256`)."""
+        data = {
             "dataset": self.dataset,
             "config": self.config,
             "profile": self.profile,
@@ -222,6 +220,9 @@ class Manifest:
             "csv_sha256": self.csv_sha256,
             "source_fingerprint": self.source_fingerprint,
         }
+        if self.from_list:
+            data.update(list_file=self.list_file, list_sha256=self.list_sha256)
+        return data
 
     def write(self, csv_path: str | os.PathLike) -> None:
         """Write `<name>.csv` and `<name>.json` atomically (only the JSON for a recipe-only manifest)."""
@@ -282,7 +283,7 @@ def _manifest(dataset: str, profile: str, beta: float, reverse: bool, seed: int,
         reverse=reverse, seed=seed, n_max=n_max, class_order=order, target_counts=dict(zip(order, targets)),
         counts={c: len(selections[c]) for c in order} if selections is not None else {},
         high=order[:n_high], low=order[n_high:], rows=rows,
-        csv_sha256=sha256_bytes(_csv_bytes(rows)) if selections is not None else None,
+        csv_sha256=manifest_csv_sha256(rows) if selections is not None else None,
         source_fingerprint=source_fingerprint,
     )
 
@@ -427,7 +428,7 @@ def load_manifest(name_or_path: str | os.PathLike) -> Manifest:
         class_order=list(data["class_order"]), target_counts=dict(data["target_counts"]),
         counts=dict(data["counts"] or {}), high=list(data["high"]), low=list(data["low"]), rows=rows,
         csv_sha256=data["csv_sha256"], source_fingerprint=data["source_fingerprint"],
-        recipe_version=data["recipe_version"],
+        recipe_version=data["recipe_version"], list_file=data.get("list_file"), list_sha256=data.get("list_sha256"),
     )
 
 
@@ -524,8 +525,36 @@ def format_counts(manifest: Manifest) -> str:
 
 
 def describe(manifest: Manifest) -> str:
-    """A one-line summary of a manifest's recipe."""
+    """A one-line summary of a manifest's recipe (or, for a list manifest, of its list)."""
+    if manifest.from_list:
+        return (f"{manifest.name}: pinned from the image list {manifest.list_file} (sha256 "
+                f"{(manifest.list_sha256 or '')[:12]}), {len(manifest.class_order)} classes ({len(manifest.high)} "
+                f"high, {len(manifest.low)} low), largest / smallest class {manifest.beta:.4g}")
     order = "reversed class order" if manifest.reverse else "class order"
     return (f"{manifest.name}: {manifest.profile} profile, beta {format_beta(manifest.beta)}, {order}, seed "
             f"{manifest.seed}, N_max {manifest.n_max}, {len(manifest.class_order)} classes "
             f"({len(manifest.high)} high, {len(manifest.low)} low)")
+
+
+def provenance(manifest: Manifest) -> str:
+    """Where a manifest's images come from, in one or two sentences (printed by `show-split` and `make-split`).
+
+    A pinned split of a paper dataset is a re-creation (the paper's recipe, LTBench's draw), not the
+    authors' lists; a list manifest names its list and how High/Low were assigned.
+    """
+    if manifest.from_list:
+        return (f"Images pinned from the list {manifest.list_file} (sha256 {manifest.list_sha256}); no recipe was "
+                f"applied. High = the {len(manifest.high)} classes with the most images, Low = the rest (ties in the "
+                f"dataset's class order), the paper's 'half most/least populated classes' (Sec. 3).")
+    drawn = (f"the paper's recipe (Sec. 3: {manifest.profile}, beta {format_beta(manifest.beta)}"
+             f"{', reversed order' if manifest.reverse else ''}) with LTBench's own draw (seed {manifest.seed})")
+    if manifest.dataset not in DATASETS or not dataset_info(manifest.dataset).paper_benchmark:
+        return f"Built by {drawn}."
+    if manifest.recipe_only:
+        drawn = f"the paper's recipe with LTBench's own draw (seed {manifest.seed}, made from your copy of the data)"
+    what = "pinned split" if manifest.name in list_pinned() else "split"
+    return (f"This {what} is a re-creation of the LTAD paper's {manifest.dataset} {manifest.profile}"
+            f"{format_beta(manifest.beta)}{'-reverse' if manifest.reverse else ''} split: {drawn}, not the "
+            f"authors' image lists. With a few images per Low class, which images are drawn moves the Low numbers; "
+            f"the authors' lists are in {AUTHORS_LISTS}: pin one with ltbench make-split --dataset "
+            f"{manifest.dataset} --from-list FILE.")

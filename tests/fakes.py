@@ -199,3 +199,29 @@ def make_spot_tree(root: Path) -> Path:
             _save(root / name / "test" / "spot" / f"{i:03d}.png", picture)
             _save(root / name / "ground_truth" / "spot" / f"{i:03d}_mask.png", mask)
     return root
+
+
+def make_varied_spot_tree(root: Path, classes: dict[str, int] | None = None) -> Path:
+    """Two classes of 32x32 images, each image its own random colour, anomalies a faint (+60) square.
+
+    A class mean then depends on which training images a split draws, so the test metrics of a
+    class whose images are drawn (not all kept) move with the split's seed.
+    """
+    rng = np.random.default_rng(0)
+    for name, n_train in (classes or {"alpha": 8, "beta": 4}).items():
+        def image():
+            colour = rng.uniform(40, 200, size=3)
+            return np.clip(colour + rng.normal(0, 30, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+
+        for i in range(n_train):
+            _save(root / name / "train" / "good" / f"{i:03d}.png", image())
+        for i in range(SPOT_GOOD):
+            _save(root / name / "test" / "good" / f"{i:03d}.png", image())
+        for i in range(SPOT_BAD):
+            picture, mask = image(), np.zeros((32, 32), dtype=np.uint8)
+            square = (slice(8, 16), slice(8 + 4 * i, 16 + 4 * i))
+            picture[square] = np.clip(picture[square].astype(np.int64) + 60, 0, 255)
+            mask[square] = 255
+            _save(root / name / "test" / "spot" / f"{i:03d}.png", picture)
+            _save(root / name / "ground_truth" / "spot" / f"{i:03d}_mask.png", mask)
+    return root

@@ -311,7 +311,18 @@ TINY_FIELDS = {
     "hidden": 16, "heads": 2, "encoder_layers": 1, "decoder_layers": 1, "feedforward": 32, "neighbor_size": 3,
     "rm_hidden": 16, "rm_heads": 2, "rm_encoder_layers": 1, "rm_decoder_layers": 1, "rm_feedforward": 32,
     "rm_neighbor_size": 3,
-    "pretrained": False, "width": 8, "image_size": 64, "steps": 2,  # Cut & Paste: a tiny ResNet-18 from scratch
+    "reconstructive_width": 4, "discriminative_width": 4, "input_size": 64, "generated_textures": 8,  # DRAEM
+    "support_draws": 1,  # RegAD
+}
+
+# Per detector, where the generic small settings do not fit its layer names or backbones.
+TINY_PER_DETECTOR = {
+    "patchcore": {"feature_layers": ("block2", "block4"), "coreset_fraction": 0.01},  # tiny-align strides 8 and 16
+    "mkd": {"teacher_layers": ("block2", "block4"), "score_layers": ("block4",), "student_stages": ((8, 16), (8, 32)),
+            "student_taps": (0, 1), "student_pool_relu": False, "input_size": 56, "teacher_raw_input": False,
+            "teacher_gradient": False},
+    "regad": {"backbone": "tiny"},
+    "cutpaste": {"pretrained": False, "width": 8, "image_size": 64, "steps": 2},  # a tiny ResNet-18, from scratch
 }
 
 
@@ -324,7 +335,8 @@ def isolated_home(tmp_path, monkeypatch):
 def test_every_registered_detector_passes_check_detector(name, tmp_path, isolated_home):
     cls = get_detector_class(name)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
-    config = make_config(cls.Config, {k: v for k, v in TINY_FIELDS.items() if k in fields})
+    values = {k: v for k, v in TINY_FIELDS.items() if k in fields} | TINY_PER_DETECTOR.get(name, {})
+    config = make_config(cls.Config, values)
     images, class_idx = pattern_images(n_classes=3, per_class=4, seed=1)
     # class names from the tiny-align vocabulary (detectors with a text encoder read them)
     train = TensorTrainSet(images, class_idx, ["bottle", "metal_nut", "screw"], tmp_path / "checkpoints")

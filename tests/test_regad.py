@@ -23,11 +23,11 @@ from baselines.regad.scoring import (
     augment_support,
     embedding_concat,
     fit_position_gaussian,
-    gaussian_blur,
     mahalanobis_map,
 )
 from baselines.regad.stages import backbone_stages
 from ltbench.errors import ConfigError, DetectorError
+from ltbench.maps import gaussian_blur
 from ltbench.testing import TensorTrainSet, check_detector, pattern_images
 
 TINY = {"backbone": "tiny", "epochs": 1, "batch_size": 4, "support_draws": 1}

@@ -30,7 +30,6 @@ from baselines.regad.scoring import (
     augment_support,
     embedding_concat,
     fit_position_gaussian,
-    gaussian_blur,
     mahalanobis_map,
 )
 from baselines.regad.stages import BACKBONES, Stages, backbone_stages, known_backbone
@@ -38,6 +37,7 @@ from ltbench import distributed
 from ltbench.detector import IMAGE_SIZE, Prediction, TorchDetector, TrainSet
 from ltbench.errors import ConfigError, DetectorError
 from ltbench.feature_detector import FeatureDetector, seeded_rng, training_images
+from ltbench.maps import gaussian_blur
 from ltbench.training import TrainingProgress, epoch_seed, local_batch, optimizer_step, training_identity
 
 SUPPORT_PHASE = 1  # `epoch_seed` phase of the support draws: phase 1 + class index (training epochs are phase 0)

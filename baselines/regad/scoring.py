@@ -23,7 +23,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from baselines.regad.model import warp
@@ -35,7 +34,6 @@ SUPPORT_TRANSLATIONS = ((0.2, 0.2), (-0.2, 0.2), (-0.2, -0.2), (0.2, -0.2),
                         (0.1, 0.1), (-0.1, 0.1), (-0.1, -0.1), (0.1, -0.1))
 GREY_WEIGHTS = (0.299, 0.587, 0.114)  # kornia `rgb_to_grayscale`'s default weights (funcs.py L62-65)
 AUGMENTATIONS_PER_IMAGE = 1 + len(SUPPORT_ROTATIONS) + len(SUPPORT_TRANSLATIONS) + 1 + 1 + 3  # 22
-BLUR_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default: the kernel reaches 4 σ
 POSITION_CHUNK = 512  # positions per step of the Mahalanobis map (bounds the memory of δ)
 
 
@@ -150,27 +148,3 @@ def mahalanobis_map(embeddings: Tensor, gaussian: PositionGaussian) -> Tensor:
     return torch.cat(out).transpose(0, 1).float()  # (B, P)
 
 
-def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
-    """Gaussian smoothing of each map as `scipy.ndimage.gaussian_filter(map, sigma)` (test.py L210-213).
-
-    To be replaced by `ltbench.maps.gaussian_blur` (one implementation for PatchCore, MKD and RegAD)
-    once it is on main.
-    Parameters: maps: (B, H, W) float; sigma: in pixels.
-    Returns: (B, H, W): a separable kernel of radius int(4σ + 0.5), weights exp(−x²/2σ²) normalised
-    to 1, borders mirrored with the edge pixel repeated (scipy's mode "reflect").
-    """
-    radius = int(BLUR_TRUNCATE * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(maps.dtype).to(maps.device)
-    out = maps
-    for dim in (-1, -2):
-        size = out.shape[dim]
-        index = torch.arange(-radius, size + radius, device=maps.device) % (2 * size)
-        index = torch.where(index >= size, 2 * size - 1 - index, index)  # half-sample symmetric
-        padded = out.index_select(dim, index)  # (B, H, W + 2r) or (B, H + 2r, W)
-        moved = padded.movedim(dim, -1)
-        rows = moved.reshape(-1, 1, moved.shape[-1])
-        smoothed = F.conv1d(rows, kernel.view(1, 1, -1)).reshape(*moved.shape[:-1], size)
-        out = smoothed.movedim(-1, dim)
-    return out

@@ -21,6 +21,7 @@ from ltbench.splits import (
     load_manifest,
     manifest_json_path,
     open_split,
+    provenance,
     source_catalog,
 )
 
@@ -30,18 +31,26 @@ DATASET_HELP = f"{', '.join(DATASETS[:-1])} or {DATASETS[-1]}."
 
 @click.command("make-split")
 @click.option("--dataset", required=True, help=DATASET_HELP)
-@click.option("--type", "profile", required=True, help="Imbalance profile: exp or step.")
-@click.option("--beta", required=True, type=float, help="Imbalance factor (>= 1): largest / smallest class.")
+@click.option("--type", "profile", help="Imbalance profile: exp or step (required unless --from-list).")
+@click.option("--beta", type=float, help="Imbalance factor (>= 1): largest / smallest class (required unless --from-list).")
 @click.option("--reverse", is_flag=True, help="Reverse the class order (the tail becomes the head).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed.")
 @click.option("--root", type=click.Path(path_type=Path),
               help="Dataset root (default: $LTBENCH_DATA/<dataset>; mvtec and visa: the shipped file list).")
 @click.option("--out", type=click.Path(path_type=Path),
               help="Manifest CSV to write; the JSON goes beside it (default: splits-out/<dataset>/<config>.csv).")
-def make_split(dataset: str, profile: str, beta: float, reverse: bool, seed: int, root: Path | None,
-               out: Path | None) -> None:
-    """Build a long-tailed training split of a dataset root and write its manifest."""
+@click.option("--from-list", "from_list", type=click.Path(path_type=Path),
+              help="Pin this list of training images instead of drawing (a CSV with an image column, or one path "
+                   "per line), e.g. the LTAD authors' lists; checked against the dataset's file list.")
+def make_split(dataset: str, profile: str | None, beta: float | None, reverse: bool, seed: int, root: Path | None,
+               out: Path | None, from_list: Path | None) -> None:
+    """Build a long-tailed training split of a dataset root (or pin a given image list) and write its manifest."""
     dataset_module(dataset)
+    if from_list is not None:
+        _make_split_from_list(dataset, from_list, profile, beta, reverse, seed, root, out)
+        return
+    if profile is None or beta is None:
+        raise click.UsageError("give --type and --beta (the recipe), or --from-list FILE (a given image list)")
     check_recipe(profile, beta, seed)
     json_out = manifest_json_path(out) if out is not None else None  # fail before any work
     if root is None and not os.environ.get("LTBENCH_DATA") and has_file_list(dataset):
@@ -61,7 +70,31 @@ def make_split(dataset: str, profile: str, beta: float, reverse: bool, seed: int
     click.echo(describe(manifest))
     click.echo(format_counts(manifest))
     click.echo(compare_with_pinned(manifest))
+    click.echo(provenance(manifest))
     click.echo(f"Wrote {out} and {json_out}.")
+
+
+def _make_split_from_list(dataset: str, from_list: Path, profile: str | None, beta: float | None, reverse: bool,
+                          seed: int, root: Path | None, out: Path | None) -> None:
+    """`make-split --from-list`: check every listed path against the dataset's file list and pin the list."""
+    from ltbench.split_lists import list_catalog, manifest_from_list
+
+    given = [flag for flag, used in (("--type", profile is not None), ("--beta", beta is not None),
+                                     ("--reverse", reverse), ("--seed", seed != 0)) if used]
+    if given:
+        raise click.UsageError(f"--from-list pins a given list; {', '.join(given)} belong to the recipe: drop them")
+    if out is not None:
+        manifest_json_path(out)  # fail before any work
+    catalog = list_catalog(dataset, root)
+    manifest = manifest_from_list(from_list, catalog)
+    if root is not None or not has_file_list(dataset):
+        manifest.verify(catalog.root)  # the listed images are present under the given root
+    out = out if out is not None else Path("splits-out") / dataset / f"{manifest.config}.csv"
+    manifest.write(out)
+    click.echo(describe(manifest))
+    click.echo(format_counts(manifest))
+    click.echo(provenance(manifest))
+    click.echo(f"Wrote {out} and {manifest_json_path(out)}.")
 
 
 @click.command("list-splits")
@@ -84,6 +117,7 @@ def show_split(name: str, plot: Path | None) -> None:
     manifest = load_manifest(name)
     click.echo(describe(manifest))
     click.echo(format_counts(manifest))
+    click.echo(provenance(manifest))
     if manifest.recipe_only:
         click.echo(f"Only the recipe is pinned: build the file list with {manifest.make_split_command()}.")
     else:
