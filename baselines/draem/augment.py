@@ -16,6 +16,7 @@ Official recipe (VitjanZ/DRAEM 2dbf673, notes/baselines.md section 1 and traps 3
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -200,14 +201,19 @@ class SyntheticBatch:
     clean: Tensor  # (B,) bool, True = the sample was left clean on purpose
 
 
-class TextureSource:
-    """Anomaly source textures: `len()` textures, `texture(i)` a uint8 (S, S, 3) array in the network's channel order."""
+class TextureSource(abc.ABC):
+    """Anomaly source textures: `len()` textures, `texture(i)` a uint8 (S, S, 3) array in the network's channel order.
 
+    Implemented by `textures.FolderTextures` (DTD, the official source) and `textures.GeneratedTextures` (offline).
+    """
+
+    @abc.abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """The number of textures."""
 
+    @abc.abstractmethod
     def texture(self, index: int) -> np.ndarray:
-        raise NotImplementedError
+        """Texture `index` as a uint8 (S, S, 3) array."""
 
 
 def perlin_mask_noise(size: int, rng: np.random.Generator, max_exponent: int) -> np.ndarray:
