@@ -408,3 +408,25 @@ def check_training_matters(cls: type, config: Any, task: NoveltyTask, margin: fl
         raise DetectorError(f"{cls.__qualname__}: training does not make it detect anomalies on the novelty task "
                             f"({result}): " + "; ".join(problems))
     return result
+
+
+class Interrupted(Exception):
+    """Raised by `interrupt_training` to stop a fit as Ctrl-C would, right after a training state was saved."""
+
+
+def interrupt_training(monkeypatch: Any, stop: Any) -> None:
+    """Make every `TrainingProgress.save` (pytest `monkeypatch`) raise `Interrupted` once `stop(values)` is true.
+
+    Parameters: stop: called with the plain values of each saved state (e.g. `epoch_losses`, `phase`, `epoch`).
+    Resume tests use it to cut a fit after a given epoch; `monkeypatch.undo()` lets the next fit run through.
+    """
+    from ltbench.training import TrainingProgress
+
+    save = TrainingProgress.save
+
+    def save_then_stop(self, modules, **values):
+        save(self, modules, **values)
+        if stop(values):
+            raise Interrupted
+
+    monkeypatch.setattr(TrainingProgress, "save", save_then_stop)

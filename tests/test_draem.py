@@ -39,8 +39,7 @@ from baselines.draem.model import (
 from baselines.draem.textures import FolderTextures, GeneratedTextures
 from ltbench.detector import get_detector_class, load_training_state, make_config
 from ltbench.errors import ConfigError, DetectorError
-from ltbench.testing import TensorTrainSet, check_detector
-from ltbench.training import TrainingProgress
+from ltbench.testing import Interrupted, TensorTrainSet, check_detector, interrupt_training
 
 TINY = {"reconstructive_width": 4, "discriminative_width": 4, "input_size": 64, "batch_size": 4,
         "generated_textures": 16, "lr": 2e-3}
@@ -379,18 +378,8 @@ def test_an_interrupted_fit_resumes_to_the_same_result(train_images, tmp_path, m
     images = train_images[:8]
     straight = DRAEM(config).fit(make_train_set(images, tmp_path / "straight"))
 
-    class Interrupt(Exception):
-        pass
-
-    save = TrainingProgress.save
-
-    def save_then_stop_after_two_epochs(self, modules, **values):
-        save(self, modules, **values)
-        if len(values["epoch_losses"]) == 2:
-            raise Interrupt
-
-    monkeypatch.setattr(TrainingProgress, "save", save_then_stop_after_two_epochs)
-    with pytest.raises(Interrupt):
+    interrupt_training(monkeypatch, lambda values: len(values["epoch_losses"]) == 2)
+    with pytest.raises(Interrupted):
         DRAEM(config).fit(make_train_set(images, tmp_path / "interrupted"))
     assert len(load_training_state(tmp_path / "interrupted")["epoch_losses"]) == 2
     monkeypatch.undo()

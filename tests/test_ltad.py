@@ -36,8 +36,7 @@ from ltad_model.model import (
 )
 from ltbench.detector import get_detector_class, load_training_state, make_config
 from ltbench.errors import ConfigError, DetectorError
-from ltbench.testing import TensorTrainSet, check_detector, pattern_images
-from ltbench.training import TrainingProgress
+from ltbench.testing import Interrupted, TensorTrainSet, check_detector, interrupt_training, pattern_images
 
 CLASSES = ["bottle", "metal_nut", "screw"]  # words of the tiny-align vocabulary, one with an underscore
 TINY = {  # the tiny-align backbone, a 1+1-layer transformer, 2 + 2 epochs, 3 batches per epoch
@@ -82,14 +81,7 @@ def with_config(detector: LTAD, **changes) -> LTAD:
 
 def interrupt_after(monkeypatch, phase: int, epoch: int) -> None:
     """Make fit() stop (as Ctrl-C would) right after it saved the training state of (phase, epoch)."""
-    original = TrainingProgress.save
-
-    def save_then_stop(self, modules, **values):
-        original(self, modules, **values)
-        if (values["phase"], values["epoch"]) == (phase, epoch):
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(TrainingProgress, "save", save_then_stop)
+    interrupt_training(monkeypatch, lambda values: (values["phase"], values["epoch"]) == (phase, epoch))
 
 
 def assert_same_result(a: LTAD, b: LTAD, images) -> None:
@@ -190,7 +182,7 @@ def test_decoder_synthesizes_the_real_map_shapes(fitted):
 
 def test_names_learn_in_phase1_and_stay_frozen_in_phase2(fitted, images, text, tmp_path, monkeypatch):
     interrupt_after(monkeypatch, phase=1, epoch=TINY["epochs_phase1"])
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted):
         fit(LTAD, images, tmp_path)
     after_phase1 = load_training_state(tmp_path)["state:model"]["names"]
     init = initial_names(text, CLASSES, "object", 2, 0)
@@ -482,7 +474,7 @@ def test_layout_token_channels():
 @pytest.mark.parametrize("phase, epoch", [(1, 1), (2, 1)])
 def test_resume_after_an_interruption_gives_the_same_result(fitted, images, tmp_path, monkeypatch, phase, epoch):
     interrupt_after(monkeypatch, phase, epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted):
         fit(LTAD, images, tmp_path)
     assert load_training_state(tmp_path)["phase"] == phase
     monkeypatch.undo()

@@ -21,8 +21,7 @@ from baselines.uniad import UniAD, UniADAlign, UniADAlignConfig, UniADConfig
 from ltbench.detector import load_training_state, make_config
 from ltbench.errors import ConfigError, DetectorError
 from ltbench.reconstruction import EncoderLayer, ReconstructionTransformer, feature_jitter, neighbor_mask
-from ltbench.testing import TensorTrainSet, check_detector
-from ltbench.training import TrainingProgress
+from ltbench.testing import Interrupted, TensorTrainSet, check_detector, interrupt_training
 
 # ----------------------------------------------------------------------------- model
 
@@ -214,18 +213,8 @@ def test_an_interrupted_fit_resumes_to_the_same_result(train_images, tmp_path, m
     straight = UniAD(config).fit(make_train_set(train_images, tmp_path / "straight"))
     assert torch.equal(torch.get_rng_state(), rng_before)  # fit seeds its own generators only
 
-    class Interrupt(Exception):
-        pass
-
-    save = TrainingProgress.save
-
-    def save_then_stop_after_two_epochs(self, modules, **values):
-        save(self, modules, **values)
-        if len(values["epoch_losses"]) == 2:
-            raise Interrupt
-
-    monkeypatch.setattr(TrainingProgress, "save", save_then_stop_after_two_epochs)
-    with pytest.raises(Interrupt):
+    interrupt_training(monkeypatch, lambda values: len(values["epoch_losses"]) == 2)
+    with pytest.raises(Interrupted):
         UniAD(config).fit(make_train_set(train_images, tmp_path / "interrupted"))
     assert len(load_training_state(tmp_path / "interrupted")["epoch_losses"]) == 2
     monkeypatch.undo()
