@@ -7,7 +7,8 @@
 #   JOBS=2 DEVICE=cpu MODELS="patchcore" bash bench/synth_matrix.sh /tmp/m   # a subset on a CPU
 #
 # Each run's log is WORK_DIR/logs/<model>[-<variant>]-<split>.log; the runs are under WORK_DIR/runs, and those
-# with settings (MODEL@KEY=VALUE) under WORK_DIR/variants/KEY=VALUE, so that each leaderboard has one run per model.
+# with settings (MODEL@KEY=VALUE[+KEY=VALUE...]) under WORK_DIR/variants/<settings>, so that each leaderboard has
+# one run per model.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-synth-matrix}
@@ -32,7 +33,10 @@ jobs_list() {
   for split in $SPLITS; do
     for entry in $MODELS; do
       model=${entry%%@*}; sets=""; tag=$model
-      if [ "$entry" != "$model" ]; then sets="--set ${entry#*@}"; tag="$model-${entry#*@}"; tag=${tag//=/_}; fi
+      if [ "$entry" != "$model" ]; then   # MODEL@KEY=VALUE[+KEY=VALUE...]
+        sets=$(tr '+' '\n' <<<"${entry#*@}" | sed 's/^/--set /' | tr '\n' ' ')
+        tag="$model-${entry#*@}"; tag=${tag//=/_}; tag=${tag//[\[\],]/}
+      fi
       out=runs; [ -n "$sets" ] && out="variants/${entry#*@}"
       echo "$model|$split|$sets|$tag-${split#*/}|$out"
     done
