@@ -14,13 +14,17 @@ Every new baseline adds one test here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from baselines.uniad import UniAD
 from ltad_model import LTAD
-from ltbench.detector import make_config
+from ltbench.detector import Prediction, make_config
+from ltbench.errors import DetectorError
 from ltbench.testing import check_training_matters, novelty_task, optimizer_steps_undone
 
 
@@ -57,3 +61,74 @@ def test_optimizer_steps_undone_keeps_every_parameter_and_counts_the_steps(optim
     assert all(torch.equal(p, s) for p, s in zip(model.parameters(), start))
     step()  # outside the block the hooks are gone: the same optimizer moves every parameter again
     assert all(not torch.equal(p, s) for p, s in zip(model.parameters(), start))
+
+
+# ----------------------------------------------------------------------------- the check itself, on a toy
+
+
+@dataclass(frozen=True)
+class ColourConfig:
+    steps: int = 8                # full-batch SGD steps of the centre toward the training images' mean colour
+    lr: float = 0.25              # with the loss below each step halves the distance to the mean colour
+    maps: bool = True             # False: detection only (anomaly_maps None), as Cut & Paste
+    start_at_mean: bool = False   # the centre starts at the mean colour: a statistic the control keeps too
+
+
+class ColourDetector:
+    """A toy trained through a torch optimizer: anomaly = squared distance of the colour to a learned centre."""
+
+    Config = ColourConfig
+
+    def __init__(self, config: ColourConfig):
+        self.config = config
+
+    def fit(self, train) -> ColourDetector:
+        colours = torch.cat([images.mean((2, 3)) for images, _ in train.batches(64, shuffle=False)])  # (N, 3)
+        self.centre_ = nn.Parameter(colours.mean(0) if self.config.start_at_mean else torch.zeros(3))
+        optimizer = torch.optim.SGD([self.centre_], lr=self.config.lr)
+        for _ in range(self.config.steps):
+            optimizer.zero_grad()
+            (self.centre_ - colours).pow(2).sum(1).mean().backward()
+            optimizer.step()
+        return self
+
+    def predict(self, images: torch.Tensor, class_idx: torch.Tensor) -> Prediction:
+        centre = self.centre_.detach().view(1, 3, 1, 1)
+        scores = (images.mean((2, 3), keepdim=True) - centre).pow(2).sum((1, 2, 3))  # (B,)
+        maps = (F.avg_pool2d(images, 15, stride=1, padding=7) - centre).pow(2).sum(1)  # (B, 224, 224)
+        return Prediction(image_scores=scores, anomaly_maps=maps if self.config.maps else None)
+
+
+def test_a_detection_only_detector_is_judged_on_image_auroc_and_its_pixel_auroc_is_not_applicable(task, tmp_path):
+    with_maps = check_training_matters(ColourDetector, ColourConfig(), task, work_dir=tmp_path)
+    detection_only = check_training_matters(ColourDetector, ColourConfig(maps=False), task, work_dir=tmp_path)
+    assert detection_only.trained == {"image_auroc": with_maps.trained["image_auroc"], "pixel_auroc": None}
+    assert detection_only.control == {"image_auroc": with_maps.control["image_auroc"], "pixel_auroc": None}
+    assert all(run["pixel_auroc"] is None
+               for run in detection_only.trained_by_direction + detection_only.control_by_direction)
+    assert with_maps.control == {"image_auroc": 0.5, "pixel_auroc": pytest.approx(0.5, abs=1e-9)}  # by construction
+    assert with_maps.trained["image_auroc"] == 1.0 and with_maps.trained["pixel_auroc"] > 0.7
+    assert str(detection_only) == "trained image 1.000 pixel n/a; control image 0.500 pixel n/a"
+
+
+def test_a_control_that_keeps_training_statistics_fails_the_chance_band_and_without_it_still_needs_the_margin(
+        task, tmp_path):
+    config = ColourConfig(start_at_mean=True, maps=False)  # the control sits at the mean colour already
+    with pytest.raises(DetectorError) as error:
+        check_training_matters(ColourDetector, config, task, work_dir=tmp_path)
+    assert "the untrained control's image_auroc is 1.000, not within 0.15 of chance" in str(error.value)
+    with pytest.raises(DetectorError) as error:
+        check_training_matters(ColourDetector, config, task, chance_band=None, work_dir=tmp_path)
+    assert "not within" not in str(error.value)
+    assert "trained image_auroc 1.000 is not 0.2 above the control's 1.000" in str(error.value)
+
+
+def test_maps_for_some_fits_and_not_others_are_named(task, tmp_path):
+    class TrainedMapsOnly(ColourDetector):  # maps only once the centre has moved: none for the control
+        def predict(self, images, class_idx):
+            prediction = super().predict(images, class_idx)
+            trained = bool(self.centre_.detach().any())
+            return Prediction(prediction.image_scores, prediction.anomaly_maps if trained else None)
+
+    with pytest.raises(DetectorError, match="anomaly maps for some of the four fits and None for others"):
+        check_training_matters(TrainedMapsOnly, ColourConfig(), task, work_dir=tmp_path)
