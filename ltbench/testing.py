@@ -385,11 +385,14 @@ def check_training_matters(cls: type, config: Any, task: NoveltyTask, margin: fl
     tests/test_quality.py).
 
     `chance_band=None` is for a detector whose untrained control legitimately estimates statistics
-    of the training data after its gradient training (Cut & Paste's Gaussian density on the
-    embeddings, RegAD's per-position Gaussians of the support features): that control is not at
-    chance by construction, so only the margin is asked, and the margin then measures what the
-    gradient training adds over those statistics. A detection-only detector (`anomaly_maps` None)
-    is judged on image AUROC alone; its pixel AUROC is reported as None (not applicable).
+    of the training data besides its optimizer steps (Cut & Paste's Gaussian density on the
+    embeddings, RegAD's per-position Gaussians of the support features, the running statistics
+    of BatchNorm layers updated by the control's forward passes): that control is not at chance
+    by construction. The trained detector must then be `margin` above the better of the control
+    and chance, so the margin measures what the gradient training adds over those statistics, and
+    a control that the statistics put below chance cannot make a chance-level detector pass.
+    A detection-only detector (`anomaly_maps` None) is judged on image AUROC alone; its pixel
+    AUROC is reported as None (not applicable).
 
     Parameters: cls: a detector class trained through a torch optimizer; config: its config (sized
     for a test); task: from `novelty_task()`; margin, chance_band: in AUROC (chance_band None: no
@@ -423,11 +426,15 @@ def check_training_matters(cls: type, config: Any, task: NoveltyTask, margin: fl
     result = TrainingMatters({k: (trained[0][k] + trained[1][k]) / 2 if k in scored else None for k in keys},
                              {k: (control[0][k] + control[1][k]) / 2 if k in scored else None for k in keys},
                              trained, control, steps)
-    problems = [] if chance_band is None else \
-        [f"the untrained control's {k} is {result.control[k]:.3f}, not within {chance_band} of chance"
-         for k in scored if abs(result.control[k] - 0.5) > chance_band]
-    problems += [f"trained {k} {result.trained[k]:.3f} is not {margin} above the control's {result.control[k]:.3f}"
-                 for k in scored if result.trained[k] < result.control[k] + margin]
+    if chance_band is None:  # no band: the margin is over the better of the control and chance
+        problems = [f"trained {k} {result.trained[k]:.3f} is not {margin} above the better of the control's "
+                    f"{result.control[k]:.3f} and chance (0.5)"
+                    for k in scored if result.trained[k] < max(result.control[k], 0.5) + margin]
+    else:
+        problems = [f"the untrained control's {k} is {result.control[k]:.3f}, not within {chance_band} of chance"
+                    for k in scored if abs(result.control[k] - 0.5) > chance_band]
+        problems += [f"trained {k} {result.trained[k]:.3f} is not {margin} above the control's {result.control[k]:.3f}"
+                     for k in scored if result.trained[k] < result.control[k] + margin]
     if problems:
         raise DetectorError(f"{cls.__qualname__}: training does not make it detect anomalies on the novelty task "
                             f"({result}): " + "; ".join(problems))

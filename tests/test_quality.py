@@ -95,8 +95,10 @@ class ColourDetector:
     def predict(self, images: torch.Tensor, class_idx: torch.Tensor) -> Prediction:
         centre = self.centre_.detach().view(1, 3, 1, 1)
         scores = (images.mean((2, 3), keepdim=True) - centre).pow(2).sum((1, 2, 3))  # (B,)
+        if not self.config.maps:
+            return Prediction(image_scores=scores, anomaly_maps=None)
         maps = (F.avg_pool2d(images, 15, stride=1, padding=7) - centre).pow(2).sum(1)  # (B, 224, 224)
-        return Prediction(image_scores=scores, anomaly_maps=maps if self.config.maps else None)
+        return Prediction(image_scores=scores, anomaly_maps=maps)
 
 
 def test_a_detection_only_detector_is_judged_on_image_auroc_and_its_pixel_auroc_is_not_applicable(task, tmp_path):
@@ -120,7 +122,7 @@ def test_a_control_that_keeps_training_statistics_fails_the_chance_band_and_with
     with pytest.raises(DetectorError) as error:
         check_training_matters(ColourDetector, config, task, chance_band=None, work_dir=tmp_path)
     assert "not within" not in str(error.value)
-    assert "trained image_auroc 1.000 is not 0.2 above the control's 1.000" in str(error.value)
+    assert "trained image_auroc 1.000 is not 0.2 above the better of the control's 1.000 and chance" in str(error.value)
 
 
 def test_maps_for_some_fits_and_not_others_are_named(task, tmp_path):
@@ -132,3 +134,19 @@ def test_maps_for_some_fits_and_not_others_are_named(task, tmp_path):
 
     with pytest.raises(DetectorError, match="anomaly maps for some of the four fits and None for others"):
         check_training_matters(TrainedMapsOnly, ColourConfig(), task, work_dir=tmp_path)
+
+
+def test_without_the_band_a_control_below_chance_does_not_lower_the_bar(task, tmp_path):
+    class BackwardControl(ColourDetector):  # untrained it ranks the training colour highest; trained it ties all
+        def fit(self, train):
+            self.train_colour_ = torch.cat([images.mean((2, 3)) for images, _ in train.batches(64)]).mean(0)
+            return super().fit(train)
+
+        def predict(self, images, class_idx):
+            if bool(self.centre_.detach().any()):  # the centre moved: trained, every image scores the same
+                return Prediction(image_scores=torch.zeros(len(images)), anomaly_maps=None)
+            return Prediction(image_scores=-(images.mean((2, 3)) - self.train_colour_).pow(2).sum(1), anomaly_maps=None)
+
+    with pytest.raises(DetectorError) as error:
+        check_training_matters(BackwardControl, ColourConfig(), task, chance_band=None, work_dir=tmp_path)
+    assert "trained image_auroc 0.500 is not 0.2 above the better of the control's 0.000 and chance" in str(error.value)
