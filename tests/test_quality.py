@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from baselines.mkd import MKD
 from baselines.uniad import UniAD
 from ltad_model import LTAD
 from ltbench.detector import Prediction, make_config
@@ -37,6 +38,24 @@ def task():
 def test_training_lifts_the_quick_preset_clear_of_an_untrained_control(cls, task, tmp_path):
     config = make_config(cls.Config, cls.PRESETS["quick"])
     result = check_training_matters(cls, config, task, margin=0.2, work_dir=tmp_path)
+    print(f"{cls.__name__}: {result}")
+    assert result.control_steps_undone > 0
+
+
+# The baselines, sized for a test: each its quick preset with the changes named here, and the chance band
+# (None where the untrained control keeps statistics of the training data; see check_training_matters).
+BASELINES = [
+    # quick preset, 3 Adam steps per epoch instead of 1 (batch 4 of the 12 images) at a 10x step: the student must
+    # move within 30 steps; both training layers scored (the preset scores only block10, whose 14x14 saliency
+    # localises a 96-pixel square too coarsely for the pixel margin)
+    pytest.param(MKD, {"batch_size": 4, "lr": 1e-2, "score_layers": ["block4", "block10"]}, 0.15, id="MKD"),
+]
+
+
+@pytest.mark.parametrize("cls, changes, chance_band", BASELINES)
+def test_training_lifts_each_baseline_clear_of_its_untrained_control(cls, changes, chance_band, task, tmp_path):
+    config = make_config(cls.Config, {**cls.PRESETS["quick"], **changes})
+    result = check_training_matters(cls, config, task, margin=0.2, chance_band=chance_band, work_dir=tmp_path)
     print(f"{cls.__name__}: {result}")
     assert result.control_steps_undone > 0
 
