@@ -2,13 +2,31 @@
 
 Each detector is trained on one synth class and must flag the other class's content (whole images
 and pasted squares), in both directions, against an untrained control (the same fit with every
-optimizer step undone). The control scores the same pixels the same way whichever class it was
-"trained" on, so over the two directions it sits at chance (0.5) by construction; the trained
-detector must beat it by 0.2 AUROC at image and pixel level.
+optimizer step undone). A control whose scores do not depend on the training data scores the same
+pixels the same way whichever class it was "trained" on, so over the two directions it sits at
+chance (0.5) by construction; the trained detector must beat it by 0.2 AUROC at image and pixel
+level (image level only for a detection-only detector). A control that keeps statistics of the
+training data (a Gaussian density, support-set Gaussians) is not at chance; for those the chance
+band is dropped and the trained detector must be 0.2 above the better of the control and chance.
+PatchCore has no training step (a memory bank of frozen features), so it has no test here; its
+quality test compares pretrained with random features (tests/test_patchcore.py).
 
-Measured with these configs on the default task (weave / grain; see the report of issue 18):
+Measured with these configs on the default task (weave / grain), image / pixel AUROC averaged over
+the two directions, and the CPU time of `pytest -k` on the test alone (user + system, about 4 s of it
+pytest's start-up; one thread, `OMP_NUM_THREADS=1`, on the shared 2-core machine under load; with torch's
+default 2 threads on that loaded machine the MKD test took 170 CPU-s; UniAD and LTAD: see the report of issue 18):
 UniAD quick: trained image 0.889, pixel 0.751; control 0.500, 0.500.
 LTAD quick: trained image 1.000, pixel 0.825; control 0.500, 0.500.
+MKD (quick, batch 4, lr 1e-2, both layers scored): trained 1.000, 0.967; control 0.500, 0.608; 15 CPU-s.
+DRAEM (quick widths at 64 px, 80 steps): trained 1.000, 0.893; control 0.500, 0.431; 79 CPU-s.
+Known failures, marked xfail (strict), chance band dropped:
+Cut & Paste (tiny, from scratch, 30 steps): trained 0.389, n/a; control 0.889, n/a; 13 CPU-s.
+  Its quick preset (ImageNet Lite0, 128 px, 50 steps) was measured too: trained and control both 1.000 on whole
+  images (the ImageNet features' Gaussian separates the classes untrained); on the pasted squares the control
+  scores 1.000 and the trained model 0.222 / 0.111 per direction.
+RegAD (tiny backbone, 5 epochs): trained 0.556, 0.740; control 0.722, 0.732; 21 CPU-s.
+  Its quick preset (Lite0, 2 epochs of 8 queries) gives trained 0.833, 0.912 and control 0.833, 0.911: at
+  lr <= 1e-4 for 2 steps training moves the ImageNet features little (baselines/regad/README.md says so too).
 Every new baseline adds one test here.
 """
 
@@ -21,8 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from baselines.cutpaste import CutPaste
 from baselines.draem import DRAEM
 from baselines.mkd import MKD
+from baselines.regad import RegAD
 from baselines.uniad import UniAD
 from ltad_model import LTAD
 from ltbench.detector import Prediction, make_config
@@ -55,6 +75,19 @@ BASELINES = [
     # 0.539, no pass); a bank of 16 generated textures, as tests/test_draem.py uses (measured with it)
     pytest.param(DRAEM, {"input_size": 64, "batch_size": 8, "lr": 3e-3, "epochs": 40, "generated_textures": 16}, 0.15,
                  id="DRAEM"),
+    # Known failures (strict: an unexpected pass fails the suite, so the mark goes once training does beat the
+    # control). Both controls keep statistics of the training data (chance_band None) and reach the top already.
+    # Cut & Paste (detection only) at the tiny size of tests/test_cutpaste.py, from scratch, 30 steps of 4: its control,
+    # the Gaussian density on the untrained embedding, is 0.889 and the fine-tuned one 0.389 (measured)
+    pytest.param(CutPaste, {"network": "resnet18", "pretrained": False, "width": 8, "image_size": 64, "steps": 30,
+                            "batch_size": 4, "head_dims": [32, 16]}, None, id="CutPaste",
+                 marks=pytest.mark.xfail(strict=True, raises=DetectorError,
+                                         reason="training does not beat the untrained control (see module docstring)")),
+    # RegAD on the tiny backbone of tests/test_regad.py, 5 epochs: the control's support Gaussians already give
+    # 0.722 image / 0.732 pixel AUROC, the trained model 0.556 / 0.740 (measured)
+    pytest.param(RegAD, {"backbone": "tiny", "epochs": 5}, None, id="RegAD",
+                 marks=pytest.mark.xfail(strict=True, raises=DetectorError,
+                                         reason="training does not beat the untrained control (see module docstring)")),
 ]
 
 
