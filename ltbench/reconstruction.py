@@ -15,6 +15,8 @@ given its input and LTAD can reuse it unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -174,6 +176,15 @@ class ReconstructionTransformer(nn.Module):
     row-major); hidden, heads, encoder_layers, decoder_layers, feedforward, dropout: transformer
     sizes (official: 256, 8, 4, 4, 1024, 0.1); neighbor_size: side of the barred attention
     window (official 7; 0 turns the mask off).
+
+    Token standardisation (`standardize_with`): the network may see (tokens − μ) / σ and give back
+    μ + σ ⊙ output, with μ, σ the per-channel mean and standard deviation of the training tokens,
+    saved as buffers. The functions it can represent, its loss and its anomaly score are those of
+    the official network (the affine maps fold into the input and output projections); what changes
+    is the scale Adam works at. Raw `lite` tokens have norms near 75 and per-channel means of several
+    units, while Adam moves each weight by about lr per step: with a few hundred steps (the CPU
+    presets) the raw network does not even reach the per-position mean of its training tokens
+    (bench/recon/README.md). μ = 0, σ = 1 (the default) is the official network, bit for bit.
     """
 
     def __init__(
@@ -208,6 +219,9 @@ class ReconstructionTransformer(nn.Module):
         self.output_proj = nn.Linear(hidden, in_channels)
         mask = neighbor_mask(grid, neighbor_size) if neighbor_size else None
         self.register_buffer("attn_mask", mask, persistent=False)  # (N, N) bool or None
+        # token standardisation μ, σ (C,); identity until `standardize_with` (saved with the weights)
+        self.register_buffer("token_mean", torch.zeros(in_channels))
+        self.register_buffer("token_std", torch.ones(in_channels))
         # official initializer "xavier_uniform": every Linear (incl. attention output) xavier, bias 0;
         # attention input projections are xavier by MultiheadAttention's own init
         for module in self.modules():
@@ -220,7 +234,7 @@ class ReconstructionTransformer(nn.Module):
         assert count == self.grid * self.grid and channels == self.in_channels, (
             f"expected tokens (B, {self.grid * self.grid}, {self.in_channels}), got {tuple(tokens.shape)}"
         )
-        x = self.input_proj(tokens)  # (B, N, hidden)
+        x = self.input_proj((tokens - self.token_mean) / self.token_std)  # (B, N, hidden)
         pos = self.pos_embed()  # (N, hidden)
         for layer in self.encoder:
             x = layer(x, pos, self.attn_mask)  # (B, N, hidden)
@@ -229,4 +243,23 @@ class ReconstructionTransformer(nn.Module):
         for layer in self.decoder:
             out = layer(out, memory, pos, self.attn_mask)  # (B, N, hidden)
         out = self.decoder_norm(out)
-        return self.output_proj(out)  # (B, N, C)
+        return self.output_proj(out) * self.token_std + self.token_mean  # (B, N, C)
+
+    @torch.no_grad()
+    def standardize_with(self, batches: Iterable[Tensor]) -> None:
+        """Set μ, σ (per channel) from training tokens, given as batches (B, N, C) so that a large set needs no copy.
+
+        Accumulates in float64; σ is floored at 1e-6 so that a constant channel passes through unchanged.
+        """
+        count, total, squares = 0, torch.zeros(self.in_channels, dtype=torch.float64), None
+        for batch in batches:
+            flat = batch.reshape(-1, self.in_channels).to("cpu", torch.float64)  # (B·N, C)
+            count += flat.shape[0]
+            total += flat.sum(0)
+            squares = flat.pow(2).sum(0) if squares is None else squares + flat.pow(2).sum(0)
+        if count < 2:
+            raise ValueError(f"standardize_with needs at least 2 tokens, got {count}")
+        mean = total / count
+        variance = ((squares - count * mean.pow(2)) / (count - 1)).clamp_min(0.0)
+        self.token_mean.copy_(mean.float())
+        self.token_std.copy_(variance.sqrt().clamp_min(1e-6).float())

@@ -254,6 +254,47 @@ def test_invalid_config_values_are_config_errors(values, message):
         make_config(UniADConfig, values)
 
 
+def test_token_standardisation_is_the_identity_by_default_and_only_reparametrises_the_network():
+    """μ = 0, σ = 1 by default (the official network); with μ, σ set, folding them into the input and output
+    projections gives back the raw network's function exactly: standardisation changes how Adam sees the
+    weights, not what the network can compute (bench/recon/README.md)."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = 3.0 + 5.0 * torch.randn(6, 64, 12, generator=generator) * torch.linspace(0.2, 2.0, 12)  # (B, N, C)
+    torch.manual_seed(0)
+    raw = small_transformer().eval()
+    assert torch.equal(raw.token_mean, torch.zeros(12)) and torch.equal(raw.token_std, torch.ones(12))
+    standardised = small_transformer().eval()
+    standardised.load_state_dict(raw.state_dict())
+    standardised.standardize_with(tokens.split(2))  # three batches
+    flat = tokens.reshape(-1, 12).double()
+    assert torch.allclose(standardised.token_mean.double(), flat.mean(0), atol=1e-5)
+    assert torch.allclose(standardised.token_std.double(), flat.std(0), atol=1e-5)
+    mean, std = standardised.token_mean, standardised.token_std
+    with torch.no_grad():  # W((t − μ)/σ) + b' = Wt + b  and  (W'h + b')σ + μ = W h + b
+        standardised.input_proj.weight.mul_(std)
+        standardised.input_proj.bias.add_(raw.input_proj.weight @ mean)
+        standardised.output_proj.weight.div_(std[:, None])
+        standardised.output_proj.bias.sub_(mean).div_(std)
+        assert torch.allclose(standardised(tokens), raw(tokens), atol=1e-4)
+        assert not torch.allclose(small_transformer()(tokens), raw(tokens), atol=1e-2)  # the check can fail
+
+
+def test_a_standardised_uniad_saves_its_statistics_and_loads_to_identical_predictions(train_images, tmp_path):
+    detector = UniAD(UniADConfig(**TINY, epochs=1, standardize=True)).fit(make_train_set(train_images, tmp_path / "ckpt"))
+    encoder = detector.image_encoder("cpu")
+    tokens = detector._tokens([m for m in encoder.encode_image(train_images).maps.values()])  # (M, N, C)
+    expected = tokens.reshape(-1, tokens.shape[-1]).double()
+    assert torch.allclose(detector.module_.token_mean.double(), expected.mean(0), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(detector.module_.token_std.double(), expected.std(0), rtol=1e-4, atol=1e-4)
+    images, _ = striped_images(3, seed=3, anomalous=True)
+    class_idx = torch.zeros(3, dtype=torch.int64)
+    before = detector.predict(images, class_idx)
+    detector.save(tmp_path / "model")
+    loaded = UniAD.load(tmp_path / "model")
+    assert torch.equal(loaded.module_.token_std, detector.module_.token_std)
+    assert torch.equal(loaded.predict(images, class_idx).anomaly_maps, before.anomaly_maps)
+
+
 def test_presets_paper_is_the_official_recipe_and_quick_is_small():
     paper = make_config(UniADConfig, UniAD.PRESETS["paper"])
     official = {"backbone": "efficientnet-b7", "feature_strides": (2, 4, 8, 16), "grid": 14, "hidden": 256, "heads": 8,
@@ -262,7 +303,7 @@ def test_presets_paper_is_the_official_recipe_and_quick_is_small():
                 "lr": 1e-4, "weight_decay": 1e-4, "lr_drop_at": 0.8, "lr_drop_factor": 0.1, "grad_clip": 0.1}
     assert {k: getattr(paper, k) for k in official} == official
     quick = make_config(UniADConfig, UniAD.PRESETS["quick"])
-    assert quick.backbone == "lite" and quick.epochs < 20
+    assert quick.backbone == "lite" and quick.epochs < 20 and quick.standardize and not paper.standardize
     # uniad_align (Tab. 6 expID 6.2) is the same recipe on ALIGN's image encoder
     align = make_config(UniADAlignConfig, UniADAlign.PRESETS["paper"])
     assert {k: getattr(align, k) for k in official} == {**official, "backbone": "align"}
