@@ -335,35 +335,43 @@ def novelty_task(class_names: tuple[str, str] = ("weave", "grain"), n_train: int
 
 @dataclass(frozen=True)
 class TrainingMatters:
-    """What `check_training_matters` measured: AUROCs averaged over the two directions, and per direction."""
+    """What `check_training_matters` measured: AUROCs averaged over the two directions, and per direction.
 
-    trained: dict[str, float]               # {"image_auroc", "pixel_auroc"}, mean of the two directions
-    control: dict[str, float]               # the same for the untrained control
-    trained_by_direction: list[dict[str, float]]
-    control_by_direction: list[dict[str, float]]
+    `pixel_auroc` is None for a detection-only detector (no anomaly maps): not applicable, not zero.
+    """
+
+    trained: dict[str, float | None]        # {"image_auroc", "pixel_auroc"}, mean of the two directions
+    control: dict[str, float | None]        # the same for the untrained control
+    trained_by_direction: list[dict[str, float | None]]
+    control_by_direction: list[dict[str, float | None]]
     control_steps_undone: int               # optimizer steps the control took and undid (> 0)
 
     def __str__(self) -> str:
-        return (f"trained image {self.trained['image_auroc']:.3f} pixel {self.trained['pixel_auroc']:.3f}; "
-                f"control image {self.control['image_auroc']:.3f} pixel {self.control['pixel_auroc']:.3f}")
+        def shown(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.3f}"
+
+        return (f"trained image {shown(self.trained['image_auroc'])} pixel {shown(self.trained['pixel_auroc'])}; "
+                f"control image {shown(self.control['image_auroc'])} pixel {shown(self.control['pixel_auroc'])}")
 
 
-def _novelty_aurocs(detector: Any, task: NoveltyTask, direction: int) -> dict[str, float]:
-    """Image and pixel AUROC of a detector trained on class `direction` of the task."""
-    from ltbench.metrics import roc_auc
+def _novelty_aurocs(detector: Any, task: NoveltyTask, direction: int) -> dict[str, float | None]:
+    """Image and pixel AUROC of a detector trained on class `direction` of the task (pixel None without maps)."""
+    from ltbench.metrics import image_score_from_map, roc_auc
 
     class_idx = torch.zeros(len(task.test_images), dtype=torch.int64)  # the detector knows one class: index 0
     with torch.no_grad():
         scores, maps = check_prediction(detector.predict(task.test_images, class_idx), len(task.test_images),
                                         type(detector).__qualname__)
+    if scores is None:  # the protocol's image score from the maps (DESIGN.md, "Evaluation protocol")
+        scores = torch.from_numpy(image_score_from_map(maps))
     anomalous = task.test_source != direction  # (T, 224, 224)
     image_labels = anomalous[task.whole].flatten(1).any(1)
     return {"image_auroc": roc_auc(scores[task.whole].numpy(), image_labels.numpy()),
-            "pixel_auroc": roc_auc(maps.flatten().numpy(), anomalous.flatten().numpy())}
+            "pixel_auroc": None if maps is None else roc_auc(maps.flatten().numpy(), anomalous.flatten().numpy())}
 
 
 def check_training_matters(cls: type, config: Any, task: NoveltyTask, margin: float = 0.2,
-                           chance_band: float = 0.15, work_dir: Path | None = None) -> TrainingMatters:
+                           chance_band: float | None = 0.15, work_dir: Path | None = None) -> TrainingMatters:
     """Train `cls(config)` on each direction of `task`, and an untrained control the same way with every
     optimizer step undone; raise `DetectorError` unless training is what makes it detect anomalies.
 
@@ -371,14 +379,25 @@ def check_training_matters(cls: type, config: Any, task: NoveltyTask, margin: fl
     `chance_band` of 0.5 and the trained detector's are at least `margin` above the control's.
     A control whose scores do not depend on the training data is at 0.5 by construction (see
     `NoveltyTask`); the band catches a "control" that still learns from the data (a memory bank,
-    statistics), for which this check is not the right one. A margin of 0.2 asks the trained
-    detector to order a random anomalous/normal pair correctly 70% of the time instead of 50%; the
-    quick presets of UniAD and LTAD clear it on the default task (measured values in
+    statistics), for which the comparison with chance is not the right one. A margin of 0.2 asks the
+    trained detector to order a random anomalous/normal pair correctly 70% of the time instead of
+    50%; the quick presets of UniAD and LTAD clear it on the default task (measured values in
     tests/test_quality.py).
 
+    `chance_band=None` is for a detector whose untrained control legitimately estimates statistics
+    of the training data besides its optimizer steps (Cut & Paste's Gaussian density on the
+    embeddings, RegAD's per-position Gaussians of the support features, the running statistics
+    of BatchNorm layers updated by the control's forward passes): that control is not at chance
+    by construction. The trained detector must then be `margin` above the better of the control
+    and chance, so the margin measures what the gradient training adds over those statistics, and
+    a control that the statistics put below chance cannot make a chance-level detector pass.
+    A detection-only detector (`anomaly_maps` None) is judged on image AUROC alone; its pixel
+    AUROC is reported as None (not applicable).
+
     Parameters: cls: a detector class trained through a torch optimizer; config: its config (sized
-    for a test); task: from `novelty_task()`; margin, chance_band: in AUROC; work_dir: where the
-    checkpoint folders go (default a temporary folder).
+    for a test); task: from `novelty_task()`; margin, chance_band: in AUROC (chance_band None: no
+    chance requirement on the control); work_dir: where the checkpoint folders go (default a
+    temporary folder).
     Returns: the measured `TrainingMatters`.
     """
     trained, control, steps = [], [], 0
@@ -398,12 +417,24 @@ def check_training_matters(cls: type, config: Any, task: NoveltyTask, margin: fl
         raise _fail(cls, "fit() took no torch optimizer step, so an untrained control cannot be built; "
                          "check_training_matters is for gradient-trained detectors")
     keys = ("image_auroc", "pixel_auroc")
-    result = TrainingMatters({k: (trained[0][k] + trained[1][k]) / 2 for k in keys},
-                             {k: (control[0][k] + control[1][k]) / 2 for k in keys}, trained, control, steps)
-    problems = [f"the untrained control's {k} is {result.control[k]:.3f}, not within {chance_band} of chance"
-                for k in keys if abs(result.control[k] - 0.5) > chance_band]
-    problems += [f"trained {k} {result.trained[k]:.3f} is not {margin} above the control's {result.control[k]:.3f}"
-                 for k in keys if result.trained[k] < result.control[k] + margin]
+    runs = trained + control
+    scored = [k for k in keys if all(run[k] is not None for run in runs)]  # pixel: only with anomaly maps
+    mixed = [k for k in keys if k not in scored and any(run[k] is not None for run in runs)]
+    if mixed:
+        raise _fail(cls, "predict() returned anomaly maps for some of the four fits and None for others; "
+                         "it must return them always or never")
+    result = TrainingMatters({k: (trained[0][k] + trained[1][k]) / 2 if k in scored else None for k in keys},
+                             {k: (control[0][k] + control[1][k]) / 2 if k in scored else None for k in keys},
+                             trained, control, steps)
+    if chance_band is None:  # no band: the margin is over the better of the control and chance
+        problems = [f"trained {k} {result.trained[k]:.3f} is not {margin} above the better of the control's "
+                    f"{result.control[k]:.3f} and chance (0.5)"
+                    for k in scored if result.trained[k] < max(result.control[k], 0.5) + margin]
+    else:
+        problems = [f"the untrained control's {k} is {result.control[k]:.3f}, not within {chance_band} of chance"
+                    for k in scored if abs(result.control[k] - 0.5) > chance_band]
+        problems += [f"trained {k} {result.trained[k]:.3f} is not {margin} above the control's {result.control[k]:.3f}"
+                     for k in scored if result.trained[k] < result.control[k] + margin]
     if problems:
         raise DetectorError(f"{cls.__qualname__}: training does not make it detect anomalies on the novelty task "
                             f"({result}): " + "; ".join(problems))

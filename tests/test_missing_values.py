@@ -274,3 +274,19 @@ def test_unscorable_class_run_is_null_named_and_never_predicted(tiny, tmp_path) 
     refused = invoke("predict", run_dir, tiny[0] / "beta" / "test" / "good" / "000.png", "--class", "beta",
                      "--out", tmp_path / "pred")
     assert refused.exit_code == 1 and f"cannot score class 'beta': {reason}" in refused.output
+
+
+def test_a_cut_and_paste_run_writes_null_pixel_metrics_and_the_leaderboard_prints_na(tiny, tmp_path) -> None:
+    # the real detection-only baseline through the CLI (a tiny ResNet-18 from scratch, as tests/test_cutpaste.py)
+    tiny_settings = ["network=resnet18", "pretrained=false", "width=8", "image_size=64", "steps=2", "batch_size=4"]
+    run_dir, output = run_model(tiny, tmp_path / "runs", "cutpaste", *[a for s in tiny_settings for a in ("--set", s)])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["detection_only"] is True
+    for row in [*metrics["per_class"].values(), *metrics["summary"].values()]:
+        assert all(row[key] is None for key in PIXEL_KEYS) and all(row[key] is not None for key in IMAGE_KEYS)
+    assert summary_row(output, "All")[1] == "N/A" and summary_row(output, "All")[0] != "N/A"
+    board = invoke("leaderboard", tmp_path / "runs", "--per-class")
+    assert board.exit_code == 0, board.output
+    (seg,) = [line for line in board.output.splitlines() if line.startswith("| cutpaste") and "| N/A" in line]
+    assert seg.count("N/A") == 5  # All, High, Low, alpha, beta of the pixel AUROC table
+    assert "cutpaste on folder/exp6: Seg. (pixel AUROC) is N/A: the detector gives no anomaly maps" in board.output
