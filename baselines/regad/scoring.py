@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from baselines.regad.model import warp
+from ltbench.errors import DetectorError
 
 # test.py L106-110: small rotations, in radians
 SUPPORT_ROTATIONS = tuple(k * math.pi / 16 for k in (-4, -3, -2, -1, 1, 2, 3, 4))
@@ -126,7 +127,11 @@ def fit_position_gaussian(embeddings: Tensor, ridge: float) -> PositionGaussian:
     gram = torch.bmm(centred, centred.transpose(1, 2))  # (P, N, N)
     gram.diagonal(dim1=1, dim2=2).add_(ridge)
     with _one_thread_on_cpu(x.device):
-        lower = torch.linalg.cholesky(gram)  # (P, N, N)
+        lower, info = torch.linalg.cholesky_ex(gram)  # (P, N, N)
+        if bool((info != 0).any()) or not bool(torch.isfinite(gram).all()):
+            raise DetectorError(
+                f"RegAD: the support covariance is not positive definite even with the ridge {ridge} (largest "
+                f"|embedding| {float(x.abs().max()):.3g}); training has probably diverged: lower lr or epochs")
         factor = torch.linalg.solve_triangular(lower, centred, upper=False)  # (P, N, C)
     return PositionGaussian(mean, factor, ridge)
 
