@@ -127,7 +127,7 @@ def test_embedding_concat_repeats_each_coarse_cell_over_its_block():
             assert torch.equal(joined[0, 2:, row, col], coarse[0, :, row // 2, col // 2])
 
 
-@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 1e200])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 1e30])
 def test_diverged_support_embeddings_are_a_clear_error_not_a_linalg_crash(bad):
     support = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(0))
     support[1, 0, 1] = bad
