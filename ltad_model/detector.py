@@ -99,7 +99,7 @@ class LTADConfig:
     rm_neighbor_size: int = 7  # Π neighbour-mask window (UniAD)
     # Π sees standardised tokens (per-channel mean/std of the real training tokens, ltbench.reconstruction):
     # same functions, loss and score, reached in fewer steps; False is UniAD's network as released. Off in every
-    # preset: on synth/exp100 quick it changed image AUROC by +0.15 (bench/recon/README.md), unlike UniAD's +2.5
+    # preset: on synth/exp100 quick it changed image AUROC by +0.15 (bench/recon/README.md), unlike UniAD's +2.95
     rm_standardize: bool = False
     use_sad: bool = True  # semantic AD module and S_sem ("LTAD w/o SAD" when False, Tab. 3–6)
     layer_pooling: Literal["max", "mean", "concat"] = "max"  # Eq. 2 max; Tab. 7 mean, or one projection of the concatenation

@@ -34,6 +34,9 @@ PAPER_METHODS = {
     "cutpaste": "Cut & Paste", "mkd": "MKD", "draem": "DRAEM", "regad": "RegAD", "uniad": "UniAD",
     "anomalygpt": "AnomalyGPT", "patchcore": "PatchCore", "ltad_wo_sad": "LTAD w/o SAD", "ltad": "LTAD",
 }
+# How our runs' columns and rows are labelled: the paper's name where the model is one of its methods (so a run
+# of `mkd` stands as "MKD" beside "MKD (reported)"), a few more display names, else the registered name.
+DISPLAY_NAMES = {**PAPER_METHODS, "uniad_align": "UniAD w/ ALIGN"}
 SUMMARY_SOURCES = ("Table 3", "Table 4", "Table 5")  # the summary tables; the rest are supplementary
 TASKS = (("Det.", "image_auroc"), ("Seg.", "pixel_auroc"))
 METRIC_TITLES = {"image_auroc": "Image AUROC", "pixel_auroc": "Pixel AUROC"}
@@ -199,6 +202,11 @@ def _title(dataset: str) -> str:
     return dataset_info(dataset).table_title if dataset in DATASETS else dataset
 
 
+def display_name(model: str) -> str:
+    """The label of a model's runs in the tables: the paper's name (`mkd` → "MKD"), else the registered name."""
+    return DISPLAY_NAMES.get(model, model)
+
+
 def _models(runs: list[RunGroup]) -> list[str]:
     """Run models in the paper's column order where they match a paper method, then by name."""
     names = sorted({r.model for r in runs})
@@ -219,7 +227,7 @@ def summary_tables(runs: list[RunGroup], datasets: list[str], with_paper: bool) 
         by_key = {(r.model, r.config): r for r in mine}
         reported = [m for m in PAPER_METHODS if with_paper and any(
             paper_value(dataset, c, m, metric, "all", True) is not None for c in configs_sorted for _, metric in TASKS)]
-        columns = ["Config.", "Task", *models, *(PAPER_METHODS[m] + REPORTED for m in reported)]
+        columns = ["Config.", "Task", *(display_name(m) for m in models), *(PAPER_METHODS[m] + REPORTED for m in reported)]
         rows = []
         for config in configs_sorted:
             for task, metric in TASKS:
@@ -252,7 +260,7 @@ def per_class_tables(runs: list[RunGroup], datasets: list[str], with_paper: bool
                 rows = []
                 for model in models:
                     run = here[model]
-                    cells = [model] + [format_stat(run.summary_stat(g, metric)) for g in ("all", "high", "low")]
+                    cells = [display_name(model)] + [format_stat(run.summary_stat(g, metric)) for g in ("all", "high", "low")]
                     cells += [format_stat(run.class_stat(c, metric)) for c in classes]
                     rows.append(cells)
                 for method, label in PAPER_METHODS.items():

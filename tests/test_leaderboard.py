@@ -69,7 +69,7 @@ def test_summary_layout_rows_configurations_by_task_columns_methods(runs):
     board = build_leaderboard(runs, dataset="synth")
     (table,) = board.tables
     assert table.keys == {"dataset": "synth"}
-    assert table.columns == ["Config.", "Task", "uniad", "ltad"]  # the paper's column order: UniAD before LTAD
+    assert table.columns == ["Config.", "Task", "UniAD", "LTAD"]  # the paper's names and column order
     # All = mean over the five classes: image AUROC 0.5 + offset + 0.02, pixel AUROC 0.88
     assert table.rows == [
         ["exp100", "Det.", "72.00", "77.00"],
@@ -78,7 +78,7 @@ def test_summary_layout_rows_configurations_by_task_columns_methods(runs):
         ["step100", "Seg.", "N/A", "88.00"],
     ]
     text = render_markdown(board)
-    assert text.splitlines()[2:5] == ["| Config. | Task | uniad | ltad |", "|---|---|---:|---:|",
+    assert text.splitlines()[2:5] == ["| Config. | Task | UniAD | LTAD |", "|---|---|---:|---:|",
                                       "| exp100 | Det. | 72.00 | 77.00 |"]
 
 
@@ -89,10 +89,10 @@ def test_per_class_layout_follows_the_supplementary_tables(runs):
     image = board.tables[0]
     assert image.columns == ["Method", "All", "High", "Low", *CLASSES]
     # uniad (offset 0.2): classes 70, 71, 72, 73, 74; High = mean(70, 71), Low = mean(72, 73, 74)
-    assert image.rows[0] == ["uniad", "72.00", "70.50", "73.00", "70.00", "71.00", "72.00", "73.00", "74.00"]
-    assert image.rows[1][0] == "ltad" and image.rows[1][1] == "77.00"
+    assert image.rows[0] == ["UniAD", "72.00", "70.50", "73.00", "70.00", "71.00", "72.00", "73.00", "74.00"]
+    assert image.rows[1][0] == "LTAD" and image.rows[1][1] == "77.00"
     pixel = board.tables[1]
-    assert pixel.rows[0] == ["uniad", "88.00", "89.50", "87.00", "90.00", "89.00", "88.00", "87.00", "86.00"]
+    assert pixel.rows[0] == ["UniAD", "88.00", "89.50", "87.00", "90.00", "89.00", "88.00", "87.00", "86.00"]
 
 
 def _paper(dataset: str, config: str, method: str, metric: str, group: str, tables: tuple[str, ...]) -> float:
@@ -121,7 +121,7 @@ def test_with_paper_reproduces_table_3_without_runs(tmp_path):
 def test_with_paper_beside_runs_and_per_class(runs):
     board = build_leaderboard(runs, dataset="mvtec", with_paper=True)
     (table,) = board.tables
-    assert table.columns[:3] == ["Config.", "Task", "ltad"] and table.columns[-1] == "LTAD (reported)"
+    assert table.columns[:3] == ["Config.", "Task", "LTAD"] and table.columns[-1] == "LTAD (reported)"
     assert table.rows[0][:3] == ["exp100", "Det.", "82.00"] and table.rows[0][-1] == "88.86"
     assert table.rows[2][2] == "N/A"  # exp200: no run, published numbers only
 
@@ -148,7 +148,7 @@ def test_per_class_with_paper_only_uses_the_papers_classes(tmp_path):
 def test_csv_has_key_columns_and_the_same_values(runs):
     board = build_leaderboard(runs)
     rows = list(csv.reader(io.StringIO(render_csv(board))))
-    assert rows[0] == ["dataset", "Config.", "Task", "ltad", "uniad"]
+    assert rows[0] == ["dataset", "Config.", "Task", "LTAD", "UniAD"]
     assert ["synth", "exp100", "Det.", "77.00", "72.00"] in rows and ["mvtec", "exp100", "Det.", "82.00", ""] in rows
     assert len(rows) == 1 + 2 + 4  # mvtec: 1 config x 2 tasks; synth: 2 configs x 2 tasks
 

@@ -287,6 +287,6 @@ def test_a_cut_and_paste_run_writes_null_pixel_metrics_and_the_leaderboard_print
     assert summary_row(output, "All")[1] == "N/A" and summary_row(output, "All")[0] != "N/A"
     board = invoke("leaderboard", tmp_path / "runs", "--per-class")
     assert board.exit_code == 0, board.output
-    (seg,) = [line for line in board.output.splitlines() if line.startswith("| cutpaste") and "| N/A" in line]
+    (seg,) = [line for line in board.output.splitlines() if line.startswith("| Cut & Paste") and "| N/A" in line]
     assert seg.count("N/A") == 5  # All, High, Low, alpha, beta of the pixel AUROC table
     assert "cutpaste on folder/exp6: Seg. (pixel AUROC) is N/A: the detector gives no anomaly maps" in board.output
