@@ -52,7 +52,7 @@ class UniADConfig:
     dropout: float = 0.1  # dropout
     neighbor_size: int = 7  # neighbor_mask.neighbor_size [7, 7], masked in encoder and both decoder attentions
     # the transformer sees standardised tokens (per-channel mean/std of the training tokens; see
-    # ltbench.reconstruction): same functions, loss and score, reached in far fewer steps; False is the official network
+    # ltbench.reconstruction): same functions, loss and score, reached in fewer steps; False is the official network
     standardize: bool = False
     jitter_scale: float = 20.0  # feature_jitter.scale
     jitter_prob: float = 1.0  # feature_jitter.prob
