@@ -16,6 +16,7 @@ given its input and LTAD can reuse it unchanged.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -244,6 +245,13 @@ class ReconstructionTransformer(nn.Module):
             out = layer(out, memory, pos, self.attn_mask)  # (B, N, hidden)
         out = self.decoder_norm(out)
         return self.output_proj(out) * self.token_std + self.token_mean  # (B, N, C)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # a model saved before token standardisation existed was trained without it: identity statistics, so that
+        # it loads (strictly, every other key still checked) and predicts exactly as it did
+        for name, fill in (("token_mean", torch.zeros_like), ("token_std", torch.ones_like)):
+            state_dict.setdefault(prefix + name, fill(getattr(self, name)))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def standardize_with(self, batches: Iterable[Tensor]) -> None:

@@ -197,6 +197,24 @@ def test_save_then_load_gives_identical_predictions(fitted, tmp_path):
     assert loaded.meta_ == fitted.meta_ and loaded.meta_.feature_channels == 16 + 24 + 40 + 112
 
 
+def test_a_model_saved_before_token_standardisation_loads_and_predicts_as_before(fitted, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    images, _ = striped_images(2, seed=5, anomalous=True)
+    class_idx = torch.zeros(2, dtype=torch.int64)
+    fitted.save(tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    old = {k: v for k, v in load_file(str(weights)).items() if not k.startswith("token_")}  # the old file's keys
+    assert len(old) == len(load_file(str(weights))) - 2
+    save_file(old, str(weights))
+    loaded = UniAD.load(tmp_path / "model")
+    assert torch.equal(loaded.predict(images, class_idx).anomaly_maps, fitted.predict(images, class_idx).anomaly_maps)
+    del old[next(k for k in old if k.startswith("output_proj"))]  # any other missing key is still refused
+    save_file(old, str(weights))
+    with pytest.raises(DetectorError):
+        UniAD.load(tmp_path / "model")
+
+
 def test_load_refuses_a_model_trained_on_other_backbone_weights(fitted, tmp_path):
     fitted.save(tmp_path / "model")
     config_path = tmp_path / "model" / "config.json"
