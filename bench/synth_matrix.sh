@@ -45,7 +45,7 @@ jobs_list() {
 one_run() {
   IFS='|' read -r model split sets tag out <<<"$1"
   start=$(date +%s)
-  timeout "$RUN_LIMIT" "$PYTHON" -c "from ltbench.cli import main; main()" run --model "$model" --split "$split" \
+  timeout "$RUN_LIMIT" bash -c 'ltbench "$@"' _ run --model "$model" --split "$split" \
     --device "$DEVICE" --out "$WORK/$out" --overlays 0 --no-report $sets >"$WORK/logs/$tag.log" 2>&1
   rc=$?
   printf '%-32s rc=%-3s %5d s\n' "$tag" "$rc" "$(( $(date +%s) - start ))"

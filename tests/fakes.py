@@ -187,18 +187,30 @@ def make_spot_tree(root: Path) -> Path:
         def image(base=base):
             return np.clip(base + rng.normal(0, 8, size=(32, 32, 3)), 0, 255).astype(np.uint8)
 
-        for i in range(n_train):
-            _save(root / name / "train" / "good" / f"{i:03d}.png", image())
-        for i in range(SPOT_GOOD):
-            _save(root / name / "test" / "good" / f"{i:03d}.png", image())
-        for i in range(SPOT_BAD):
-            picture, mask = image(), np.zeros((32, 32), dtype=np.uint8)
+        def bright(picture: np.ndarray, i: int) -> tuple[slice, slice]:
             y, x = 4 + 6 * i, 8 + 5 * i
             picture[y:y + 8, x:x + 8] = 255
-            mask[y:y + 8, x:x + 8] = 255
-            _save(root / name / "test" / "spot" / f"{i:03d}.png", picture)
-            _save(root / name / "ground_truth" / "spot" / f"{i:03d}_mask.png", mask)
+            return slice(y, y + 8), slice(x, x + 8)
+
+        _write_spot_class(root / name, n_train, image, bright)
     return root
+
+
+def _write_spot_class(folder: Path, n_train: int, image, spot) -> None:
+    """One class in MVTec layout: `n_train` + SPOT_GOOD normal images, SPOT_BAD anomalous ones with masks.
+
+    image() draws a (32, 32, 3) uint8 picture; spot(picture, i) paints anomaly i in place and returns its
+    (rows, cols) slices. Images are drawn in file order, so a seeded `image` gives the same files as before.
+    """
+    for i in range(n_train):
+        _save(folder / "train" / "good" / f"{i:03d}.png", image())
+    for i in range(SPOT_GOOD):
+        _save(folder / "test" / "good" / f"{i:03d}.png", image())
+    for i in range(SPOT_BAD):
+        picture, mask = image(), np.zeros((32, 32), dtype=np.uint8)
+        mask[spot(picture, i)] = 255
+        _save(folder / "test" / "spot" / f"{i:03d}.png", picture)
+        _save(folder / "ground_truth" / "spot" / f"{i:03d}_mask.png", mask)
 
 
 def make_varied_spot_tree(root: Path, classes: dict[str, int] | None = None) -> Path:
@@ -213,15 +225,10 @@ def make_varied_spot_tree(root: Path, classes: dict[str, int] | None = None) -> 
             colour = rng.uniform(40, 200, size=3)
             return np.clip(colour + rng.normal(0, 30, size=(32, 32, 3)), 0, 255).astype(np.uint8)
 
-        for i in range(n_train):
-            _save(root / name / "train" / "good" / f"{i:03d}.png", image())
-        for i in range(SPOT_GOOD):
-            _save(root / name / "test" / "good" / f"{i:03d}.png", image())
-        for i in range(SPOT_BAD):
-            picture, mask = image(), np.zeros((32, 32), dtype=np.uint8)
+        def faint(picture: np.ndarray, i: int) -> tuple[slice, slice]:
             square = (slice(8, 16), slice(8 + 4 * i, 16 + 4 * i))
             picture[square] = np.clip(picture[square].astype(np.int64) + 60, 0, 255)
-            mask[square] = 255
-            _save(root / name / "test" / "spot" / f"{i:03d}.png", picture)
-            _save(root / name / "ground_truth" / "spot" / f"{i:03d}_mask.png", mask)
+            return square
+
+        _write_spot_class(root / name, n_train, image, faint)
     return root
